@@ -1,0 +1,1 @@
+"""Engine: generation loops, KV caches, scheduling and sampling over a sharded model."""

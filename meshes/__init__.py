@@ -1,0 +1,45 @@
+"""Meshes, layouts, sharding rules and memory planning: the bottom layer."""
+
+from meshes.devices import default_compute_dtype, set_cpu_device_count
+from meshes.layout import (
+    LAYOUT_KEYS,
+    MESH_AXES,
+    LayoutError,
+    MeshLayout,
+    enumerate_layouts,
+    make_mesh,
+    parse_layout,
+    split_slices,
+)
+from meshes.planner import (
+    DoesNotFitError,
+    MemoryPlan,
+    TensorSpec,
+    bytes_per_device,
+    device_capacity_bytes,
+    plan_memory,
+)
+from meshes.rules import ShardingRules, constrain, current_rules, use_rules
+
+__all__ = [
+    "LAYOUT_KEYS",
+    "MESH_AXES",
+    "DoesNotFitError",
+    "LayoutError",
+    "MemoryPlan",
+    "MeshLayout",
+    "ShardingRules",
+    "TensorSpec",
+    "bytes_per_device",
+    "constrain",
+    "current_rules",
+    "default_compute_dtype",
+    "device_capacity_bytes",
+    "enumerate_layouts",
+    "make_mesh",
+    "parse_layout",
+    "plan_memory",
+    "set_cpu_device_count",
+    "split_slices",
+    "use_rules",
+]

@@ -1,0 +1,1 @@
+"""Model definitions (Flax NNX), configs, weights and checkpoints."""

@@ -1,0 +1,80 @@
+"""The embedded default model: a small random Llama with a sentencepiece tokenizer.
+
+It is created locally (no download) the first time it is needed and cached, so that
+`meshserve serve` and `meshserve generate` work on a fresh machine. Its weights are
+random: it demonstrates the server, not language.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import jax.numpy as jnp
+
+from models.checkpoint import MANIFEST, read_manifest
+from models.config import ModelConfig
+
+DEMO_CONFIG = ModelConfig(
+    family="llama",
+    architecture="LlamaForCausalLM",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+)
+DEMO_LABEL = "meshserve-demo (random weights, for trying the server; not a language model)"
+_CORPUS = os.path.join(os.path.dirname(__file__), "demo", "corpus.txt")
+
+
+def train_demo_tokenizer(vocab_size: int = DEMO_CONFIG.vocab_size) -> bytes:
+    """A BPE sentencepiece model trained on the shipped corpus (deterministic, ~20 ms).
+
+    Byte fallback lets it encode any text, emoji included.
+    """
+    import sentencepiece as spm
+
+    with open(_CORPUS, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("MESHSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "meshserve"
+    )
+    return os.path.join(base, "demo-v1")
+
+
+def ensure_demo_checkpoint(path: str | None = None) -> str:
+    """Create the demo checkpoint at `path` (default: the user cache) unless it exists."""
+    path = path or default_cache_dir()
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        read_manifest(path)
+        return path
+    from meshes import make_mesh, parse_layout
+    from models.loading import init_random, save_model
+
+    model = init_random(DEMO_CONFIG, make_mesh(parse_layout("")), jnp.float32, seed=0,
+                        init_std=0.05)
+    try:
+        save_model(model, path, demo=True, label=DEMO_LABEL,
+                   files={"tokenizer.model": train_demo_tokenizer()})
+    except (OSError, ValueError):
+        # Another process may have published it first; theirs is as good as ours.
+        if not os.path.exists(os.path.join(path, MANIFEST)):
+            raise
+    return path

@@ -1,0 +1,70 @@
+"""The decoder, written once for Llama, Mistral and Qwen2/3."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from meshes import constrain
+from models.config import ModelConfig, rope_inverse_frequencies
+from models.layers import AttentionFn, DecoderLayer, RMSNorm, param, rope_cos_sin
+
+
+class Transformer(nnx.Module):
+    """tokens/positions [batch, seq] → hidden states → logits.
+
+    The KV cache is a list (one entry per layer) owned by the caller and threaded through
+    `attention`, so dense, paged and kernel-backed caches share this one model.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs, init_std: float = 0.02
+    ):
+        init = nnx.initializers.normal(init_std)
+        self.config = cfg
+        self.embed = param(rngs, init, (cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, dtype, rngs, init) for i in range(cfg.num_layers)]
+        )
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(
+                rngs, init, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab")
+            )
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Sequence[Any],
+        attention: AttentionFn,
+    ) -> tuple[jax.Array, list[Any]]:
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = constrain(x, ("batch", "seq", "embed"))
+        cos, sin = rope_cos_sin(positions, self._inv_freq())
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x, layer_cache = layer(x, cos, sin, layer_cache, attention)
+            new_cache.append(layer_cache)
+        return self.final_norm(x), new_cache
+
+    def _inv_freq(self) -> jax.Array:
+        # A trace-time constant, not a parameter: checkpoints never carry it.
+        return jnp.asarray(np.array(rope_inverse_frequencies(self.config), np.float32))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """f32 logits for hidden states of any leading shape."""
+        if self.config.tie_word_embeddings:
+            out = jnp.einsum("...e,ve->...v", hidden, self.embed[...])
+        else:
+            out = hidden @ self.lm_head[...]
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens, positions, cache, attention: AttentionFn):
+        hidden, cache = self.hidden(tokens, positions, cache, attention)
+        return self.logits(hidden), cache

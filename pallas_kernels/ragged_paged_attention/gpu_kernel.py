@@ -1,0 +1,257 @@
+"""Ragged paged attention as a Pallas GPU kernel (Triton lowering).
+
+The K/V cache write is a separate jitted scatter (``reference.write_kv_pages``) that runs
+before the kernel; the kernel only reads pages.
+
+Grid: (pairs, kv heads). A pair is one sequence intersected with one block of ``block_q``
+consecutive tokens (``reference.build_work_list``), so decode batches get one program per
+sequence and kv head, and long prefills are split into query blocks that run in parallel.
+Each program keeps the online-softmax state of its ``block_q * group`` query rows in
+registers, walks the pair's pages in blocks of ``num_kv_pages_per_block`` (page ids gathered
+from the page table, pages gathered from the cache), and stores only its own rows with a
+masked store. Padding rows are never stored by any program and are zeroed afterwards.
+
+Only pages inside each pair's causal / sliding-window range are read; page-table slots past
+the range are replaced by the pair's first page (which its sequence owns) and masked.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.ragged_paged_attention import reference
+
+MASK_VALUE = reference.MASK_VALUE
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def choose_gpu_block_sizes(
+    *,
+    num_tokens: int,
+    max_seqs: int,
+    group: int,
+    page_size: int,
+    pages_per_seq: int,
+    num_queries_per_block: int | None,
+    num_kv_pages_per_block: int | None,
+) -> tuple[int, int]:
+    """(queries per block, kv pages per block).
+
+    tl.dot needs M >= 16, so a block has at least 16 query rows; decode-shaped buckets stop
+    there (one token of a block is useful), prefill-heavy ones use 64 rows.
+    """
+    if num_queries_per_block is None:
+        rows = 16 if num_tokens <= max_seqs else 64
+        num_queries_per_block = max(1, rows // group)
+    if num_kv_pages_per_block is None:
+        num_kv_pages_per_block = _pow2_floor(min(pages_per_seq, max(1, 64 // page_size)))
+    return num_queries_per_block, num_kv_pages_per_block
+
+
+def _check_triton_shapes(rows: int, keys: int, pages: int, page_size: int, head_dim: int):
+    # Triton tensors need power-of-two extents and tl.dot needs every dim >= 16.
+    problems = []
+    for name, val in (("query rows per block (queries * group)", rows),
+                      ("keys per block (pages * page_size)", keys),
+                      ("kv pages per block", pages), ("page_size", page_size),
+                      ("head_dim", head_dim)):
+        if not _is_pow2(val):
+            problems.append(f"{name}={val} is not a power of two")
+    for name, val in (("query rows per block", rows), ("keys per block", keys),
+                      ("head_dim", head_dim)):
+        if val < 16:
+            problems.append(f"{name}={val} < 16 (tl.dot minimum)")
+    if problems:
+        raise ValueError("GPU ragged paged attention: " + "; ".join(problems)
+                         + " (interpret mode has no such limits)")
+
+
+def _kernel(
+    pair_seq_ref,  # [NP] sequence of each pair, -1 for unused entries
+    pair_blk_ref,  # [NP] query block of each pair
+    kv_lens_ref,  # [S]
+    cu_q_lens_ref,  # [S + 1]
+    page_indices_ref,  # [S, P]
+    q_ref,  # [T_pad * G, D] rows of this kv head
+    k_ref,  # [N, page_size, D] K channel of this kv head
+    v_ref,  # [N, page_size, D] V channel of this kv head
+    o_ref,  # [T_pad * G, D]
+    *,
+    block_q: int,
+    group: int,
+    pages_per_block: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    pid = pl.program_id(0)
+    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    rows = block_q * group
+    keys = pages_per_block * page_size
+    seq = pair_seq_ref[pid]
+    valid = seq >= 0
+    seq = jnp.maximum(seq, 0)
+    first_tok = pair_blk_ref[pid] * block_q
+    q_start = cu_q_lens_ref[seq]
+    q_end = cu_q_lens_ref[seq + 1]
+    kv_len = kv_lens_ref[seq]
+    row_lo = jnp.maximum(q_start, first_tok) - first_tok
+    row_hi = jnp.minimum(q_end, first_tok + block_q) - first_tok
+    qpos_base = kv_len - (q_end - q_start) - q_start + first_tok
+    qpos_hi = qpos_base + row_hi - 1
+    if sliding_window is None:
+        page_lo = jnp.int32(0)
+    else:
+        page_lo = lax.div(jnp.maximum(qpos_base + row_lo - sliding_window + 1, 0), page_size)
+    last_col = page_indices_ref.shape[1] - 1
+    page_lo = jnp.minimum(page_lo, last_col)  # only matters for corrupt inputs: stay in bounds
+    page_hi = jnp.minimum(lax.div(jnp.maximum(qpos_hi, 0), page_size), last_col)
+    num_kv_blocks = jnp.where(
+        valid, lax.div(page_hi - page_lo + pages_per_block, pages_per_block), 0
+    )
+    first_page = page_indices_ref[seq, page_lo]
+
+    row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group)
+    row_ok = valid & (row_tok >= row_lo) & (row_tok < row_hi)
+    qpos = qpos_base + row_tok
+    q = q_ref[pl.ds(pl.multiple_of(first_tok * group, rows), rows), :]
+
+    def body(j, carry):
+        m, l, acc = carry
+        col0 = page_lo + j * pages_per_block
+        cols = col0 + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
+        col_ok = cols <= page_hi
+        ids = plt.load(page_indices_ref.at[seq, pl.ds(col0, pages_per_block)], mask=col_ok,
+                       other=0)
+        ids = jnp.where(col_ok, ids, first_page)
+        k = k_ref[ids].reshape(keys, head_dim)
+        v = v_ref[ids].reshape(keys, head_dim)
+        kpos = col0 * page_size + lax.broadcasted_iota(jnp.int32, (keys,), 0)
+        # Keys past the pair's last query are masked for every row; zero V so stale NaNs in
+        # partially written pages cannot leak through 0 * NaN.
+        v = jnp.where((kpos <= qpos_hi)[:, None], v, jnp.zeros_like(v))
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        mask = row_ok[:, None] & (kpos[None, :] <= qpos[:, None])
+        if sliding_window is not None:
+            mask = mask & (kpos[None, :] > qpos[:, None] - sliding_window)
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l_new = alpha * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        return m_new, l_new, alpha[:, None] * acc + pv
+
+    m0 = jnp.full((rows,), MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    acc0 = jnp.zeros((rows, head_dim), jnp.float32)
+    _, l, acc = lax.fori_loop(0, num_kv_blocks, body, (m0, l0, acc0))
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    plt.store(o_ref.at[pl.ds(first_tok * group, rows), :], out.astype(o_ref.dtype),
+              mask=row_ok[:, None])
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "sliding_window", "soft_cap", "num_queries_per_block",
+        "num_kv_pages_per_block", "num_warps", "num_stages", "interpret",
+    ),
+)
+def ragged_paged_attention_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    num_queries_per_block: int | None = None,
+    num_kv_pages_per_block: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """GPU ragged paged attention; contract of ``dispatch.ragged_paged_attention``."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_combined, _ = kv_pages.shape
+    num_kv_heads = num_combined // 2
+    group = num_q_heads // num_kv_heads
+    max_seqs, pages_per_seq = page_indices.shape
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    bq, bp = choose_gpu_block_sizes(
+        num_tokens=num_tokens, max_seqs=max_seqs, group=group, page_size=page_size,
+        pages_per_seq=pages_per_seq, num_queries_per_block=num_queries_per_block,
+        num_kv_pages_per_block=num_kv_pages_per_block,
+    )
+    rows = bq * group
+    if not interpret:
+        _check_triton_shapes(rows, bp * page_size, bp, page_size, head_dim)
+
+    kv_pages = reference.write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens,
+                                        num_seqs)
+    work = reference.build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
+    num_pairs = work.pair_seq.shape[0]
+    num_blocks = work.blk_start.shape[0] - 1
+    padded = num_blocks * bq
+    q_heads = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0))).reshape(
+        padded, num_kv_heads, group, head_dim
+    ).transpose(1, 0, 2, 3).reshape(num_kv_heads, padded * group, head_dim)
+
+    def whole(x):
+        return pl.BlockSpec(x.shape, lambda p, h, nd=x.ndim: (0,) * nd)
+
+    metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, page_indices)
+    head_rows = pl.BlockSpec((None, padded * group, head_dim), lambda p, h: (h, 0, 0))
+    num_pages = kv_pages.shape[0]
+    kernel = functools.partial(
+        _kernel, block_q=bq, group=group, pages_per_block=bp, sm_scale=float(sm_scale),
+        sliding_window=sliding_window, soft_cap=soft_cap,
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_pairs, num_kv_heads),
+        in_specs=[
+            *(whole(x) for x in metadata),
+            head_rows,
+            # Same cache twice: K lives in channel 2h, V in channel 2h + 1.
+            pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h, 0)),
+            pl.BlockSpec((num_pages, page_size, None, head_dim),
+                         lambda p, h: (0, 0, 2 * h + 1, 0)),
+        ],
+        out_specs=head_rows,
+        out_shape=jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="meshserve_ragged_paged_attention_gpu",
+    )(*metadata, q_heads, kv_pages, kv_pages)
+    out = out.reshape(num_kv_heads, padded, group, head_dim).transpose(1, 0, 2, 3)
+    out = out.reshape(padded, num_q_heads, head_dim)[:num_tokens]
+    meta = reference.token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    # No program stores padding rows; their memory is uninitialised.
+    out = jnp.where(meta.valid[:, None, None], out, jnp.zeros_like(out))
+    return out, kv_pages

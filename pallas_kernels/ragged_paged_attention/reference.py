@@ -1,0 +1,298 @@
+"""Pure-JAX ragged paged attention: the semantic reference and the CPU serving path.
+
+Everything here is vectorised over sequences with static maximum shapes, so a single
+compilation serves every batch composition of a given bucket (lengths are traced values).
+
+Layout reminders (see ``dispatch.ragged_paged_attention`` for the full contract):
+  q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_pages: [N, page_size, 2 * Hkv, D] with K of kv head h
+  at channel 2h and V at 2h + 1; kv_lens: [S]; page_indices: [S, P]; cu_q_lens: [S + 1];
+  num_seqs: [1].
+
+The attention works on "pairs": a pair is the intersection of one sequence with one block of
+``block_q`` consecutive tokens. Tokens are sorted by sequence, so the number of pairs is at
+most ``num_blocks + max_seqs`` and every pair only reads pages of its own sequence. With
+``block_q == 1`` a pair is a single token, which is the right shape for decode; larger blocks
+cut the page-gather traffic of prefill by ``block_q``x at the cost of masked FLOPs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Finite so that fully-masked rows never produce inf - inf = NaN in the online softmax.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+class TokenMetadata(NamedTuple):
+    """Per-token view of a ragged batch (all arrays are [T])."""
+
+    seq: jax.Array  # sequence owning the token (clamped to a valid row for padding)
+    pos: jax.Array  # absolute position of the token inside its sequence
+    valid: jax.Array  # False for padding tokens (index >= cu_q_lens[num_seqs])
+
+
+def _effective_cu_q_lens(cu_q_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
+    # Entries past num_seqs are padding and may hold anything; pinning them to the total
+    # makes the array monotone so searchsorted stays meaningful.
+    n = num_seqs[0]
+    idx = jnp.arange(cu_q_lens.shape[0])
+    return jnp.where(idx <= n, cu_q_lens, cu_q_lens[n])
+
+
+def token_metadata(
+    kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int
+) -> TokenMetadata:
+    """Maps every token slot of the bucket to (sequence, position, valid)."""
+    max_seqs = kv_lens.shape[0]
+    cu = _effective_cu_q_lens(cu_q_lens, num_seqs)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
+    seq = jnp.minimum(seq, max_seqs - 1)
+    valid = t < cu[num_seqs[0]]
+    q_start = cu[seq]
+    q_len = cu[seq + 1] - q_start
+    pos = kv_lens[seq] - q_len + (t - q_start)
+    return TokenMetadata(seq=seq, pos=pos, valid=valid)
+
+
+def kv_slot_mapping(
+    kv_pages_shape: tuple[int, ...],
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    num_tokens: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(page, slot) each token's new K/V goes to; page == num_pages for tokens that write nothing."""
+    num_pages, page_size = kv_pages_shape[0], kv_pages_shape[1]
+    pages_per_seq = page_indices.shape[1]
+    meta = token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    col = meta.pos // page_size
+    ok = meta.valid & (meta.pos >= 0) & (col < pages_per_seq)
+    page = page_indices[meta.seq, jnp.clip(col, 0, pages_per_seq - 1)]
+    ok = ok & (page >= 0) & (page < num_pages)
+    # An out-of-range page id plus mode="drop" turns padding writes into no-ops.
+    page = jnp.where(ok, page, num_pages).astype(jnp.int32)
+    slot = jnp.where(ok, meta.pos % page_size, 0).astype(jnp.int32)
+    return page, slot
+
+
+def interleave_kv(k: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """[T, Hkv, D] x2 -> [T, 2 * Hkv, D] with K of head h at 2h and V at 2h + 1."""
+    t, h, d = k.shape
+    return jnp.stack([k, v], axis=2).reshape(t, 2 * h, d).astype(dtype)
+
+
+@jax.jit
+def write_kv_pages(
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+) -> jax.Array:
+    """Writes the step's new K/V of every valid token into its page slot; returns the pages.
+
+    Padding tokens and tokens whose slot is not covered by the page table write nothing. Inside
+    a caller's jit with kv_pages donated this is an in-place scatter.
+    """
+    page, slot = kv_slot_mapping(
+        kv_pages.shape, kv_lens, page_indices, cu_q_lens, num_seqs, k.shape[0]
+    )
+    new_kv = interleave_kv(k, v, kv_pages.dtype)
+    return kv_pages.at[page, slot].set(new_kv, mode="drop")
+
+
+class WorkList(NamedTuple):
+    """(sequence x query block) pairs; the static length is ``max_pairs(...)``."""
+
+    pair_seq: jax.Array  # [NP] sequence of the pair, -1 for unused entries
+    pair_blk: jax.Array  # [NP] query block of the pair (0 for unused entries)
+    blk_start: jax.Array  # [NB + 1] pairs of block b are blk_start[b]:blk_start[b + 1]
+    num_pairs: jax.Array  # [1]
+
+
+def max_pairs(num_tokens: int, max_seqs: int, block_q: int) -> int:
+    num_blocks = cdiv(num_tokens, block_q)
+    # Each block contributes one pair plus one per sequence boundary inside it, and a pair
+    # owns at least one token.
+    return max(1, min(num_blocks + max_seqs - 1, num_blocks * block_q))
+
+
+def build_work_list(
+    kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int, block_q: int
+) -> WorkList:
+    """Enumerates the (sequence, query block) pairs of a ragged batch, vectorised."""
+    max_seqs = kv_lens.shape[0]
+    num_blocks = cdiv(num_tokens, block_q)
+    padded = num_blocks * block_q
+    np_ = max_pairs(num_tokens, max_seqs, block_q)
+    meta = token_metadata(kv_lens, cu_q_lens, num_seqs, padded)
+    t = jnp.arange(padded, dtype=jnp.int32)
+    prev_seq = jnp.concatenate([jnp.full((1,), -1, jnp.int32), meta.seq[:-1]])
+    is_new = meta.valid & ((t % block_q == 0) | (meta.seq != prev_seq))
+    pair_id = jnp.cumsum(is_new.astype(jnp.int32)) - 1
+    target = jnp.where(is_new, pair_id, np_)
+    pair_seq = jnp.full((np_,), -1, jnp.int32).at[target].set(meta.seq, mode="drop")
+    pair_blk = jnp.zeros((np_,), jnp.int32).at[target].set(t // block_q, mode="drop")
+    per_blk = is_new.reshape(num_blocks, block_q).sum(axis=1, dtype=jnp.int32)
+    blk_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_blk)])
+    num_pairs = blk_start[-1:]
+    return WorkList(pair_seq, pair_blk, blk_start.astype(jnp.int32), num_pairs)
+
+
+def default_block_q(num_tokens: int, max_seqs: int, q_per_kv: int) -> int:
+    """Query block for the reference: 1 for decode-shaped buckets, else ~16 query rows."""
+    if num_tokens <= max_seqs:
+        return 1
+    return max(1, min(32, 16 // q_per_kv))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "keys_per_block"),
+)
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    keys_per_block: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """Reference ragged paged attention; same contract as ``dispatch.ragged_paged_attention``."""
+    kv_pages = write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    out = paged_attention_from_pages(
+        q,
+        kv_pages,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        block_q=block_q,
+        keys_per_block=keys_per_block,
+    )
+    return out, kv_pages
+
+
+def paged_attention_from_pages(
+    q: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float | None,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    block_q: int | None,
+    keys_per_block: int,
+) -> jax.Array:
+    """Causal attention of the queries over pages that already hold the step's K/V."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_combined, _ = kv_pages.shape
+    num_kv_heads = num_combined // 2
+    group = num_q_heads // num_kv_heads
+    max_seqs, pages_per_seq = page_indices.shape
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    if block_q is None:
+        block_q = default_block_q(num_tokens, max_seqs, group)
+    pages_per_block = max(1, min(pages_per_seq, keys_per_block // page_size))
+    keys = pages_per_block * page_size
+
+    work = build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, block_q)
+    num_blocks = work.blk_start.shape[0] - 1
+    pair_ok = work.pair_seq >= 0
+    seq = jnp.maximum(work.pair_seq, 0)
+    blk = work.pair_blk
+    cu = _effective_cu_q_lens(cu_q_lens, num_seqs)
+    q_start, q_end, kv_len = cu[seq], cu[seq + 1], kv_lens[seq]
+    first_tok = blk * block_q
+    rows_lo = jnp.maximum(q_start, first_tok)  # first token of the pair
+    rows_hi = jnp.minimum(q_end, first_tok + block_q)  # one past its last token
+    qpos_lo = kv_len - (q_end - q_start) + (rows_lo - q_start)
+    qpos_hi = qpos_lo + (rows_hi - rows_lo) - 1
+    if sliding_window is None:
+        page_lo = jnp.zeros_like(qpos_lo)
+    else:
+        page_lo = jnp.maximum(qpos_lo - sliding_window + 1, 0) // page_size
+    page_hi = jnp.minimum(qpos_hi // page_size, pages_per_seq - 1)
+    n_blocks = jnp.where(pair_ok, cdiv(page_hi - page_lo + 1, pages_per_block), 0)
+    n_iter = jnp.max(n_blocks)
+
+    # Per-pair query rows and their positions: [NP, Bq, Hkv, G, D], [NP, Bq].
+    pad = num_blocks * block_q - num_tokens
+    q_blocks = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(
+        num_blocks, block_q, num_kv_heads, group, head_dim
+    )
+    qp = q_blocks[blk].astype(jnp.float32)
+    tok = first_tok[:, None] + jnp.arange(block_q)[None, :]
+    row_ok = pair_ok[:, None] & (tok >= rows_lo[:, None]) & (tok < rows_hi[:, None])
+    qpos = (kv_len - (q_end - q_start) - q_start)[:, None] + tok
+
+    num_p = qp.shape[0]
+    m0 = jnp.full((num_p, num_kv_heads, block_q, group), MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros_like(m0)
+    acc0 = jnp.zeros((num_p, num_kv_heads, block_q, group, head_dim), jnp.float32)
+
+    def body(j, carry):
+        m, l, acc = carry
+        cols = page_lo[:, None] + j * pages_per_block + jnp.arange(pages_per_block)[None, :]
+        col_ok = pair_ok[:, None] & (cols <= page_hi[:, None])
+        ids = page_indices[seq[:, None], jnp.clip(cols, 0, pages_per_seq - 1)]
+        ids = jnp.where(col_ok, jnp.clip(ids, 0, num_pages - 1), 0)
+        blk_kv = kv_pages[ids].reshape(num_p, keys, num_kv_heads, 2, head_dim)
+        kb = blk_kv[:, :, :, 0, :].astype(jnp.float32)
+        vb = blk_kv[:, :, :, 1, :].astype(jnp.float32)
+        kpos = (cols[:, :, None] * page_size + jnp.arange(page_size)).reshape(num_p, keys)
+        key_ok = jnp.repeat(col_ok, page_size, axis=1) & (kpos < kv_len[:, None])
+        # Slots past kv_len may hold stale or NaN data; 0 * NaN would poison the sum.
+        vb = jnp.where(key_ok[:, :, None, None], vb, 0.0)
+        s = jnp.einsum("nrhgd,nkhd->nhrgk", qp, kb, preferred_element_type=jnp.float32)
+        s = s * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        mask = key_ok[:, None, :] & row_ok[:, :, None] & (kpos[:, None, :] <= qpos[:, :, None])
+        if sliding_window is not None:
+            mask = mask & (kpos[:, None, :] > qpos[:, :, None] - sliding_window)
+        mask = mask[:, None, :, None, :]  # [NP, 1, Bq, 1, K]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l_new = alpha * l + p.sum(axis=-1)
+        pv = jnp.einsum("nhrgk,nkhd->nhrgd", p, vb, preferred_element_type=jnp.float32)
+        return m_new, l_new, alpha[..., None] * acc + pv
+
+    _, l, acc = jax.lax.fori_loop(0, n_iter, body, (m0, l0, acc0))
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # rows without keys are padding: 0
+    out = out.transpose(0, 2, 1, 3, 4).reshape(num_p, block_q, num_q_heads, head_dim)
+    # Every valid token row is owned by exactly one pair; unused pairs go to a dropped block.
+    dest = jnp.where(pair_ok, blk, num_blocks)
+    merged = jnp.zeros((num_blocks, block_q, num_q_heads, head_dim), jnp.float32)
+    merged = merged.at[dest].add(out, mode="drop")
+    return merged.reshape(num_blocks * block_q, num_q_heads, head_dim)[:num_tokens].astype(q.dtype)

@@ -1,0 +1,513 @@
+"""Ragged paged attention as a Pallas Mosaic TPU kernel, with the K/V cache write fused in.
+
+Grid: (kv-head blocks, query blocks). Query block b holds ``block_q`` consecutive tokens of the
+ragged batch; the (sequence x query block) "pairs" that intersect it come from a work list
+built in XLA before the call (``reference.build_work_list``) and are scalar-prefetched, as are
+the lengths, the page table and cu_q_lens.
+
+Per grid step:
+  1. DMA each of the block's new K/V rows (VMEM) into its page slot in HBM, then wait. Query
+     blocks run in order, so every key position a query may attend to (<= its own position)
+     has been written by this or an earlier step before any page is read.
+  2. For each pair, stream its pages HBM -> VMEM in blocks of ``num_kv_pages_per_block``,
+     double-buffered (the next block, possibly of the next pair, is in flight while the current
+     one is being used), with an online softmax per kv head over the pair's query rows. Rows of
+     other pairs are fully masked, which leaves their running state bit-for-bit unchanged, so no
+     masked stores are needed.
+  3. Normalise and store the output block.
+
+The pages input is aliased to the pages output (in-place update when the caller donates).
+Only pages inside each pair's causal / sliding-window range are ever DMA'd.
+
+Written for TPU interpret mode as well as Mosaic: refs are never reshaped and there are no
+masked ``pltpu.store`` calls (state updates are plain stores of ``where``-merged values).
+q and out use a [num_kv_heads, T * group, head_dim] layout so a kv head's query rows are one
+contiguous 2-D tile and the kernel needs no value reshapes either.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.ragged_paged_attention import reference
+
+MASK_VALUE = reference.MASK_VALUE
+_LANES = 128
+
+# page_size -> (kv pages per block, queries per block). About 512 keys per block keeps the
+# MXU busy while two K/V buffers plus scores stay far below the smallest scoped VMEM.
+_BLOCK_TABLE: dict[int, tuple[int, int]] = {
+    8: (64, 32),
+    16: (32, 32),
+    32: (16, 32),
+    64: (8, 32),
+    128: (4, 32),
+    256: (2, 32),
+}
+# The smallest VMEM of current generations (v4/v5e per TensorCore).
+_DEFAULT_VMEM_BYTES = 16 * 1024 * 1024
+
+
+class BlockSizes(NamedTuple):
+    num_kv_pages_per_block: int
+    num_queries_per_block: int
+    num_kv_heads_per_block: int
+    vmem_limit_bytes: int
+    vmem_bytes: int  # estimated footprint of this choice
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _sublane_multiple(dtype) -> int:
+    # Packed dtypes tile 8 * (4 / itemsize) rows per vreg.
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def vmem_footprint(
+    *,
+    block_q: int,
+    pages_per_block: int,
+    kv_heads_per_block: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    q_dtype,
+    kv_dtype,
+) -> int:
+    """Bytes of VMEM the kernel needs, with (sublane, lane) tile padding."""
+    rows = block_q * group
+    keys = pages_per_block * page_size
+    d = _round_up(head_dim, _LANES)
+    q_bytes = jnp.dtype(q_dtype).itemsize
+    kv_bytes = jnp.dtype(kv_dtype).itemsize
+    rows_q = _round_up(rows, _sublane_multiple(q_dtype))
+    rows_f32 = _round_up(rows, 8)
+    chans = _round_up(2 * kv_heads_per_block, _sublane_multiple(kv_dtype))
+    q_and_out = 2 * 2 * kv_heads_per_block * rows_q * d * q_bytes  # pipelined, 2 buffers each
+    new_kv = 2 * block_q * chans * d * kv_bytes
+    kv_bufs = 2 * keys * chans * d * kv_bytes
+    m_and_l = 2 * kv_heads_per_block * rows_f32 * _LANES * 4
+    acc = kv_heads_per_block * rows_f32 * d * 4
+    # Live values of one head: scores, probabilities and mask, plus K and V in f32.
+    temps = 3 * rows_f32 * _round_up(keys, _LANES) * 4 + 2 * _round_up(keys, 8) * d * 4
+    return q_and_out + new_kv + kv_bufs + m_and_l + acc + temps
+
+
+def _vmem_capacity() -> int:
+    try:
+        if pltpu.is_tpu_device():
+            return int(pltpu.get_tpu_info().vmem_capacity_bytes)
+    except Exception:  # noqa: BLE001 - unknown device kinds fall back to the safe default
+        pass
+    return _DEFAULT_VMEM_BYTES
+
+
+def choose_block_sizes(
+    *,
+    num_tokens: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    page_size: int,
+    pages_per_seq: int,
+    q_dtype,
+    kv_dtype,
+    num_kv_pages_per_block: int | None = None,
+    num_queries_per_block: int | None = None,
+    num_kv_heads_per_block: int | None = None,
+    vmem_limit_bytes: int | None = None,
+) -> BlockSizes:
+    """Table defaults, shrunk until they fit VMEM; explicit sizes that do not fit are refused."""
+    limit = vmem_limit_bytes or (_vmem_capacity() * 3) // 4
+    table_pages, table_q = _BLOCK_TABLE.get(page_size, (max(1, 512 // page_size), 32))
+    pages = min(num_kv_pages_per_block or table_pages, pages_per_seq)
+    sub = _sublane_multiple(q_dtype)
+    bq = num_queries_per_block or table_q
+    if bq >= num_tokens:
+        bq = num_tokens  # one block covering every token is always a legal tile
+    elif num_queries_per_block is None:
+        bq = _round_up(bq, sub)
+    kv_sub = _sublane_multiple(kv_dtype)
+    # A head block must tile the channel dim: all heads, or a multiple of the sublane count.
+    head_options = [
+        h
+        for h in range(num_kv_heads, 0, -1)
+        if num_kv_heads % h == 0 and (h == num_kv_heads or (2 * h) % kv_sub == 0)
+    ]
+    if num_kv_heads_per_block is not None:
+        if num_kv_heads_per_block not in head_options:
+            raise ValueError(
+                f"num_kv_heads_per_block={num_kv_heads_per_block} must divide num_kv_heads="
+                f"{num_kv_heads} and be all heads or a multiple of {kv_sub // 2}; "
+                f"valid: {head_options}"
+            )
+        head_options = [num_kv_heads_per_block]
+    explicit = (num_kv_pages_per_block, num_queries_per_block, num_kv_heads_per_block)
+
+    def footprint(p: int, q: int, h: int) -> int:
+        return vmem_footprint(
+            block_q=q,
+            pages_per_block=p,
+            kv_heads_per_block=h,
+            group=group,
+            head_dim=head_dim,
+            page_size=page_size,
+            q_dtype=q_dtype,
+            kv_dtype=kv_dtype,
+        )
+
+    heads = head_options[0]
+    need = footprint(pages, bq, heads)
+    if need > limit and all(x is not None for x in explicit):
+        raise ValueError(
+            f"ragged paged attention blocks (pages={pages}, queries={bq}, kv_heads={heads}) "
+            f"need ~{need / 2**20:.1f} MiB of VMEM, over the {limit / 2**20:.1f} MiB limit; "
+            "use smaller blocks or raise vmem_limit_bytes"
+        )
+    # Shrink the cheapest-to-lose dimension first: kv pages, then heads, then queries.
+    while need > limit:
+        if num_kv_pages_per_block is None and pages > 1:
+            pages = max(1, pages // 2)
+        elif len(head_options) > 1 and heads != head_options[-1]:
+            heads = head_options[head_options.index(heads) + 1]
+        elif num_queries_per_block is None and bq > sub:
+            bq = max(sub, _round_up(bq // 2, sub))
+        else:
+            raise ValueError(
+                f"ragged paged attention cannot fit VMEM: smallest blocks (pages={pages}, "
+                f"queries={bq}, kv_heads={heads}) need ~{need / 2**20:.1f} MiB > limit "
+                f"{limit / 2**20:.1f} MiB (head_dim={head_dim}, page_size={page_size})"
+            )
+        need = footprint(pages, bq, heads)
+    return BlockSizes(pages, bq, heads, int(limit), int(need))
+
+
+class _Pair(NamedTuple):
+    seq: Any
+    row_lo: Any  # first row (token offset inside the query block) of the pair
+    row_hi: Any  # one past its last row
+    qpos_base: Any  # position of the token at row 0, as if it belonged to the pair's sequence
+    qpos_hi: Any  # position of the pair's last token
+    page_lo: Any  # first page-table column the pair needs
+    page_hi: Any  # last page-table column the pair needs
+    kv_len: Any
+    num_kv_blocks: Any
+
+
+def _kernel(
+    # Scalar prefetch (SMEM).
+    kv_lens_ref,
+    page_indices_ref,
+    cu_q_lens_ref,
+    pair_seq_ref,
+    blk_start_ref,
+    # Inputs.
+    q_ref,  # [Hb, Bq * G, D]
+    new_kv_ref,  # [Bq, 2 * Hb, D]
+    _pages_in_ref,  # aliased to pages_ref; all access goes through the output ref
+    # Outputs.
+    o_ref,  # [Hb, Bq * G, D]
+    pages_ref,  # HBM [N, page_size, 2 * H, D]
+    # Scratch.
+    kv_buf,  # [2, Bp * page_size, 2 * Hb, D]
+    read_sems,  # DMA semaphores, one per buffer
+    write_sem,  # DMA semaphore for the cache write
+    m_ref,  # [Hb, Bq * G, 128] running max, broadcast along lanes
+    l_ref,  # [Hb, Bq * G, 128] running denominator
+    acc_ref,  # [Hb, Bq * G, D] running numerator
+    *,
+    block_q: int,
+    group: int,
+    pages_per_block: int,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    heads_blk, q_blk = pl.program_id(0), pl.program_id(1)
+    num_heads_per_blk, rows, head_dim = q_ref.shape
+    chans = 2 * num_heads_per_blk
+    chan_start = heads_blk * chans
+    num_pages, page_size = pages_ref.shape[0], pages_ref.shape[1]
+    pages_per_seq = page_indices_ref.shape[1]
+    keys = pages_per_block * page_size
+    first_tok = q_blk * block_q
+    pair_lo = blk_start_ref[q_blk]
+    pair_hi = blk_start_ref[q_blk + 1]
+
+    def page_id(seq, col):
+        # Clamped so a corrupt table can never fault the DMA engine (validate_dynamic
+        # reports such tables in debug mode).
+        col = jnp.clip(col, 0, pages_per_seq - 1)
+        return jnp.clip(page_indices_ref[seq, col], 0, num_pages - 1)
+
+    def pair_info(p) -> _Pair:
+        seq = pair_seq_ref[p]
+        q_start = cu_q_lens_ref[seq]
+        q_end = cu_q_lens_ref[seq + 1]
+        kv_len = kv_lens_ref[seq]
+        t_lo = jnp.maximum(q_start, first_tok)
+        t_hi = jnp.minimum(q_end, first_tok + block_q)
+        qpos_base = kv_len - (q_end - q_start) - q_start + first_tok
+        qpos_lo = qpos_base + (t_lo - first_tok)
+        qpos_hi = qpos_base + (t_hi - first_tok) - 1
+        if sliding_window is None:
+            page_lo = jnp.int32(0)
+        else:
+            page_lo = lax.div(jnp.maximum(qpos_lo - sliding_window + 1, 0), page_size)
+        page_hi = lax.div(jnp.maximum(qpos_hi, 0), page_size)
+        n_blocks = lax.div(page_hi - page_lo + pages_per_block, pages_per_block)
+        return _Pair(
+            seq,
+            t_lo - first_tok,
+            t_hi - first_tok,
+            qpos_base,
+            qpos_hi,
+            page_lo,
+            page_hi,
+            kv_len,
+            jnp.maximum(n_blocks, 1),
+        )
+
+    # 1. Cache write: one DMA per token of this block, all in flight, then all waited.
+    def for_each_new_token(fn):
+        def pair_body(p, carry):
+            info = pair_info(p)
+
+            def tok_body(row, carry2):
+                pos = info.qpos_base + row
+                dst = pages_ref.at[
+                    page_id(info.seq, lax.div(pos, page_size)),
+                    lax.rem(pos, page_size),
+                    pl.ds(chan_start, chans),
+                ]
+                fn(pltpu.make_async_copy(new_kv_ref.at[row], dst, write_sem.at[0]))
+                return carry2
+
+            return lax.fori_loop(info.row_lo, info.row_hi, tok_body, carry)
+
+        lax.fori_loop(pair_lo, pair_hi, pair_body, 0)
+
+    for_each_new_token(lambda copy: copy.start())
+    for_each_new_token(lambda copy: copy.wait())
+
+    # 2. Attention.
+    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def kv_copies(info: _Pair, kv_blk, slot, fn):
+        for i in range(pages_per_block):
+            col = info.page_lo + kv_blk * pages_per_block + i
+
+            @pl.when(col <= info.page_hi)
+            def _():
+                src = pages_ref.at[page_id(info.seq, col), :, pl.ds(chan_start, chans)]
+                dst = kv_buf.at[slot, pl.ds(i * page_size, page_size)]
+                fn(pltpu.make_async_copy(src, dst, read_sems.at[slot]))
+
+    def compute(info: _Pair, kv_blk, slot):
+        first_key = (info.page_lo + kv_blk * pages_per_block) * page_size
+        row = lax.div(lax.broadcasted_iota(jnp.int32, (rows, keys), 0), group)
+        kpos = first_key + lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
+        qpos = info.qpos_base + row
+        mask = (row >= info.row_lo) & (row < info.row_hi) & (kpos <= qpos)
+        if sliding_window is not None:
+            mask = mask & (kpos > qpos - sliding_window)
+        # Keys past the pair's last query were not fetched (or are beyond kv_len): zero V so a
+        # stale NaN cannot leak through 0 * NaN.
+        v_ok = first_key + lax.broadcasted_iota(jnp.int32, (keys, head_dim), 0) <= info.qpos_hi
+        for h in range(num_heads_per_blk):
+            q = q_ref[h]
+            k = kv_buf[slot, :, 2 * h, :]
+            v = kv_buf[slot, :, 2 * h + 1, :]
+            v = jnp.where(v_ok, v, jnp.zeros_like(v))
+            s = (
+                lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                * sm_scale
+            )
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            s = jnp.where(mask, s, MASK_VALUE)
+            m_prev = jnp.max(m_ref[h], axis=1, keepdims=True)
+            l_prev = jnp.max(l_ref[h], axis=1, keepdims=True)
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            m_ref[h] = jnp.broadcast_to(m_new, (rows, _LANES))
+            l_ref[h] = jnp.broadcast_to(
+                alpha * l_prev + jnp.sum(p, axis=1, keepdims=True), (rows, _LANES)
+            )
+            acc_ref[h] = alpha * acc_ref[h] + pv
+
+    @pl.when(pair_lo < pair_hi)
+    def _():
+        kv_copies(pair_info(pair_lo), 0, 0, lambda c: c.start())
+
+    def body(state):
+        p, kv_blk, slot = state
+        info = pair_info(p)
+        last = kv_blk + 1 >= info.num_kv_blocks
+        next_p = jnp.where(last, p + 1, p)
+        next_blk = jnp.where(last, 0, kv_blk + 1)
+        next_slot = 1 - slot
+
+        @pl.when(next_p < pair_hi)
+        def _():
+            kv_copies(pair_info(next_p), next_blk, next_slot, lambda c: c.start())
+
+        kv_copies(info, kv_blk, slot, lambda c: c.wait())
+        compute(info, kv_blk, slot)
+        return next_p, next_blk, next_slot
+
+    lax.while_loop(lambda s: s[0] < pair_hi, body, (pair_lo, jnp.int32(0), jnp.int32(0)))
+
+    # 3. Rows that no pair touched (padding) have l == 0 and come out as zeros.
+    for h in range(num_heads_per_blk):
+        denom = jnp.max(l_ref[h], axis=1, keepdims=True)
+        denom = jnp.where(denom == 0.0, 1.0, denom)
+        o_ref[h] = (acc_ref[h] / denom).astype(o_ref.dtype)
+
+
+def _resolve_interpret(interpret):
+    if interpret is True:
+        return pltpu.InterpretParams()
+    return interpret or False
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "num_kv_pages_per_block",
+        "num_queries_per_block",
+        "num_kv_heads_per_block",
+        "vmem_limit_bytes",
+        "interpret",
+    ),
+)
+def ragged_paged_attention_tpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    num_kv_pages_per_block: int | None = None,
+    num_queries_per_block: int | None = None,
+    num_kv_heads_per_block: int | None = None,
+    vmem_limit_bytes: int | None = None,
+    interpret: Any = False,
+) -> tuple[jax.Array, jax.Array]:
+    """TPU ragged paged attention with fused K/V write; contract of ``dispatch``.
+
+    ``interpret`` may be True or a ``pltpu.InterpretParams`` to run on CPU.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_combined, _ = kv_pages.shape
+    num_kv_heads = num_combined // 2
+    group = num_q_heads // num_kv_heads
+    max_seqs, pages_per_seq = page_indices.shape
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    sizes = choose_block_sizes(
+        num_tokens=num_tokens,
+        num_kv_heads=num_kv_heads,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        pages_per_seq=pages_per_seq,
+        q_dtype=q.dtype,
+        kv_dtype=kv_pages.dtype,
+        num_kv_pages_per_block=num_kv_pages_per_block,
+        num_queries_per_block=num_queries_per_block,
+        num_kv_heads_per_block=num_kv_heads_per_block,
+        vmem_limit_bytes=vmem_limit_bytes,
+    )
+    bq, bp, hb = (
+        sizes.num_queries_per_block,
+        sizes.num_kv_pages_per_block,
+        sizes.num_kv_heads_per_block,
+    )
+    num_blocks = reference.cdiv(num_tokens, bq)
+    padded = num_blocks * bq
+    work = reference.build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
+    # Unused entries are never visited; 0 keeps them in range for SMEM reads anyway.
+    pair_seq = jnp.maximum(work.pair_seq, 0)
+
+    pad = padded - num_tokens
+    q_heads = (
+        jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
+        .reshape(padded, num_kv_heads, group, head_dim)
+        .transpose(1, 0, 2, 3)
+        .reshape(num_kv_heads, padded * group, head_dim)
+    )
+    new_kv = jnp.pad(reference.interleave_kv(k, v, kv_pages.dtype), ((0, pad), (0, 0), (0, 0)))
+    rows = bq * group
+
+    kernel = functools.partial(
+        _kernel,
+        block_q=bq,
+        group=group,
+        pages_per_block=bp,
+        sm_scale=float(sm_scale),
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    q_spec = pl.BlockSpec((hb, rows, head_dim), lambda h, b, *_: (h, b, 0))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=5,
+        grid=(num_kv_heads // hb, num_blocks),
+        in_specs=[
+            q_spec,
+            pl.BlockSpec((bq, 2 * hb, head_dim), lambda h, b, *_: (b, h, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),
+        ],
+        out_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY)],
+        scratch_shapes=[
+            pltpu.VMEM((2, bp * page_size, 2 * hb, head_dim), kv_pages.dtype),
+            pltpu.SemaphoreType.DMA((2,)),
+            pltpu.SemaphoreType.DMA((1,)),
+            pltpu.VMEM((hb, rows, _LANES), jnp.float32),
+            pltpu.VMEM((hb, rows, _LANES), jnp.float32),
+            pltpu.VMEM((hb, rows, head_dim), jnp.float32),
+        ],
+    )
+    out, kv_pages = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
+            jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
+        ],
+        # Operand 7 = kv_pages (after 5 scalar-prefetch operands, q and new_kv).
+        input_output_aliases={7: 1},
+        compiler_params=pltpu.CompilerParams(
+            # Head blocks touch disjoint channels, so they may run on separate cores; query
+            # blocks must run in order because later blocks read what earlier ones wrote.
+            dimension_semantics=("parallel", "arbitrary"),
+            vmem_limit_bytes=sizes.vmem_limit_bytes,
+        ),
+        interpret=_resolve_interpret(interpret),
+        name="meshserve_ragged_paged_attention",
+    )(kv_lens, page_indices, cu_q_lens, pair_seq, work.blk_start, q_heads, new_kv, kv_pages)
+    out = out.reshape(num_kv_heads, padded, group, head_dim).transpose(1, 0, 2, 3)
+    return out.reshape(padded, num_q_heads, head_dim)[:num_tokens], kv_pages

@@ -1,0 +1,1 @@
+"""Command-line tools: conversion, generation, serving and benchmarks."""

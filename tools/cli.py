@@ -1,0 +1,75 @@
+"""The `meshserve` console script: `meshserve <subcommand> --flags`.
+
+Each subcommand module defines its absl flags only when chosen, so subcommands can use
+the same flag names without clashing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags
+
+SUBCOMMANDS = {
+    "convert": ("tools.convert", "convert a Hugging Face safetensors model to a checkpoint"),
+    "generate": ("tools.generate", "generate text offline (or from a server with --target)"),
+}
+
+# Errors that mean "your input is wrong": print the message, no traceback, exit 2.
+_USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def _usage() -> str:
+    lines = ["usage: meshserve <subcommand> [--flags]", "", "subcommands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "`meshserve <subcommand> --help` lists a subcommand's flags."]
+    return "\n".join(lines)
+
+
+def _normalize(arg: str) -> str:
+    """Accept `--max-tokens` as well as absl's `--max_tokens`."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value
+
+
+def define_common_flags() -> None:
+    flags.DEFINE_integer(
+        "cpu_devices",
+        None,
+        "Simulate this many devices on the CPU backend (try any layout on a laptop).",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    name = argv[1]
+    if name not in SUBCOMMANDS:
+        print(f"meshserve: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    define_common_flags()
+    module.define_flags()
+
+    def run(args: list[str]) -> int:
+        from meshes import set_cpu_device_count
+
+        try:
+            set_cpu_device_count(flags.FLAGS.cpu_devices)
+            return module.main(args)
+        except _USER_ERRORS as e:
+            print(f"meshserve {name}: error: {e}", file=sys.stderr)
+            return 2
+
+    # Orbax and friends log every save/restore at INFO; -v / --verbosity brings it back.
+    flags.FLAGS.set_default("verbosity", -1)
+    app.run(run, argv=[f"meshserve {name}", *map(_normalize, argv[2:])])
+
+
+if __name__ == "__main__":
+    main()
