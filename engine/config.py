@@ -1,0 +1,59 @@
+"""Engine configuration: page pool, batch limits and the shape buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    out.append(hi)
+    return tuple(sorted(set(out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Limits are per data shard (each shard has its own batch and page pool).
+
+    num_pages None: size the pool from `kv_memory_fraction` of what the memory planner
+    says is left on a device after weights and the step reserve.
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_memory_fraction: float = 0.9
+    max_kv_memory_bytes: int | None = 4 << 30
+    max_seqs: int = 64
+    max_step_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    decode_steps: int = 8  # decode iterations per compiled loop before returning to host
+    max_logprobs: int = 8
+    max_stop_ids: int = 8  # EOS ids + stop_token_ids checked on device
+    max_waiting_requests: int = 1024
+    max_waiting_tokens: int = 1 << 20
+    min_token_bucket: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
+            raise ValueError("page_size, max_seqs and max_step_tokens must be positive")
+        if self.max_step_tokens < self.max_seqs:
+            raise ValueError("max_step_tokens must be >= max_seqs (one decode token each)")
+        if self.decode_steps < 1:
+            raise ValueError("decode_steps must be >= 1")
+
+    def token_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(min(self.min_token_bucket, self.max_step_tokens), self.max_step_tokens)
+
+    def seq_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(1, self.max_seqs)
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")

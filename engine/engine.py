@@ -1,0 +1,351 @@
+"""The engine: continuous batching over a paged KV cache on one mesh (one slice).
+
+`add_request` may be called from any thread; a background thread (or explicit `step()`
+calls) runs the scheduler and the compiled step, and streams chunks to each request's
+handle. See engine/API.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.batching import build_inputs
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.handle import RequestHandle
+from engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
+from engine.paged_attention import AttentionSpecs, init_paged_cache
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.scheduler import Scheduler, StepPlan
+from engine.sequence import Sequence, Status
+from engine.step import StepFunctions, StepInputs
+from models.loading import ShardedModel, memory_plan
+from models.tokenizer import Tokenizer
+
+__all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineOverloadedError",
+           "RequestHandle"]
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (requests or tokens); retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped or failed and accepts no requests."""
+
+
+def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -> int:
+    """Pages per data shard from what the memory planner leaves after weights."""
+    mc = model.config
+    per_page = (mc.num_layers * cfg.page_size * 2 * mc.num_kv_heads * mc.head_dim
+                * jnp.dtype(model.dtype).itemsize) // model.rules.axis_size("kv_heads")
+    plan = memory_plan(model.source_config, model.rules.mesh, model.dtype, 0,
+                       max_step_tokens=cfg.max_step_tokens)
+    budget = (plan.capacity_bytes - plan.weights_bytes - plan.reserve_bytes) * cfg.kv_memory_fraction
+    if cfg.max_kv_memory_bytes is not None:
+        budget = min(budget, cfg.max_kv_memory_bytes)
+    pages = int(budget // per_page)
+    need = math.ceil(max_model_len / cfg.page_size)
+    if pages < need:
+        raise ValueError(
+            f"KV cache room for {pages} pages of {cfg.page_size} tokens per device, but one "
+            f"sequence of max_model_len={max_model_len} needs {need}: lower max_model_len "
+            f"or use more tensor parallelism"
+        )
+    return pages
+
+
+class Engine:
+    def __init__(self, model: ShardedModel, config: EngineConfig | None = None,
+                 tokenizer: Tokenizer | None = None, attention_impl: str | None = None):
+        self.model = model
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer = tokenizer
+        mc = model.config
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
+        self.num_pages = cfg.num_pages or plan_num_pages(model, cfg, self.max_model_len)
+        rules = model.rules
+        self.data_shards = rules.axis_size("batch")
+        self._kv = init_paged_cache(mc, rules, self.data_shards, self.num_pages, cfg.page_size,
+                                    model.dtype)
+        stats_shape = (self.data_shards, cfg.max_seqs, mc.vocab_size)
+        stats_sharding = rules.sharding(("cache_batch", None, None), stats_shape)
+        self._counts = jax.jit(lambda: jnp.zeros(stats_shape, jnp.int32),
+                               out_shardings=stats_sharding)()
+        self._seen = jax.jit(lambda: jnp.zeros(stats_shape, bool), out_shardings=stats_sharding)()
+        specs = AttentionSpecs.create(rules, mc, attention_impl)
+        self._fns = StepFunctions(model, specs, cfg.max_logprobs, cfg.decode_steps)
+        self.scheduler = Scheduler(cfg, self.data_shards, self.num_pages, self.max_model_len)
+        self._lock = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._live: dict[str, tuple[Sequence, RequestHandle]] = {}
+        self._seeds = random.Random(cfg.seed)
+        self._ids = itertools.count()
+        self._finished = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: str | None = None
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and not self._stopping
+
+    @property
+    def compiles(self) -> int:
+        return self._fns.compiles
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> RequestHandle:
+        params = (params or SamplingParams()).validate(self.vocab_size, self.config.max_logprobs)
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the maximum model length {self.max_model_len}")
+        if self.scheduler.pages_for(total) > self.num_pages:
+            raise InvalidRequestError(
+                f"the request needs {self.scheduler.pages_for(total)} KV pages; "
+                f"the cache has {self.num_pages}")
+        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
+        eos = () if params.ignore_eos else self.model.config.eos_token_ids
+        seq = Sequence(
+            request_id=request_id, prompt_ids=prompt, params=params,
+            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+            stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
+            priority=priority,
+        )
+        handle = RequestHandle(request_id, self)
+        with self._lock:
+            if not self.healthy:
+                raise EngineDeadError(self.error or "the engine is shutting down")
+            if request_id in self._live:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            waiting = [s for s in self.scheduler.waiting] + self._inbox
+            if len(waiting) >= self.config.max_waiting_requests:
+                raise EngineOverloadedError(
+                    f"{len(waiting)} requests are waiting (limit {self.config.max_waiting_requests})")
+            tokens = sum(s.num_tokens for s in waiting) + len(prompt)
+            if tokens > self.config.max_waiting_tokens:
+                raise EngineOverloadedError(
+                    f"waiting prompts would hold {tokens} tokens "
+                    f"(limit {self.config.max_waiting_tokens})")
+            self._live[request_id] = (seq, handle)
+            self._inbox.append(seq)
+            self._lock.notify_all()
+        return handle
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id not in self._live:
+                return False
+            self._aborts.append(request_id)
+            self._lock.notify_all()
+        return True
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        with self._lock:
+            waiting = list(s.waiting) + list(self._inbox)
+        running = [q for r in s.running for q in r]
+        return EngineStats(
+            running=len(running), waiting=len(waiting), free_pages=s.free_pages(),
+            total_pages=self.num_pages * self.data_shards, preemptions=s.preemptions,
+            waiting_tokens=sum(q.num_tokens for q in waiting),
+            running_tokens=sum(q.num_tokens for q in running), finished=self._finished,
+            compiles=self.compiles,
+        )
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="meshserve-engine",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all("the engine shut down", reason="abort")
+
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+                 | None = None) -> list[list[StreamChunk]]:
+        """Run prompts to completion (without the background thread) and return their
+        chunks; convenient for tools and tests."""
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params] * len(prompts)
+        handles = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        while self.step():
+            pass
+        return [list(h) for h in handles]
+
+    # -- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while (not self._stopping and not self._inbox and not self._aborts
+                       and not self.scheduler.num_running and not self.scheduler.waiting):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - any failure must end every stream
+                self.error = f"engine step failed: {type(e).__name__}: {e}"
+                self._fail_all(self.error, reason="abort")
+                return
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for seq in new:
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            entry = self._live.get(request_id)
+            if entry and entry[0].status is not Status.FINISHED:
+                self.scheduler.finish(entry[0], "abort")
+                self._emit(entry[0], entry[1])
+
+    def step(self) -> bool:
+        """One scheduling decision and one device call. False when there is no work."""
+        self._drain_inbox()
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return False
+        now = time.monotonic()
+        for rows in plan.shards:
+            for item in rows:
+                item.seq.first_scheduled = item.seq.first_scheduled or now
+        inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
+        self._kv, self._counts, self._seen, out = self._fns.run(
+            self._kv, self._counts, self._seen, self._put(inputs), plan.decode)
+        out = jax.device_get(out)  # the one host sync per call
+        self._apply(plan, out)
+        return True
+
+    def _put(self, inputs: StepInputs) -> StepInputs:
+        rules = self.model.rules
+
+        def place(x):
+            x = np.asarray(x)
+            axes = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
+            return jax.device_put(x, rules.sharding(axes, x.shape))
+
+        return jax.tree.map(place, inputs)
+
+    def warmup(self) -> int:
+        """Compile every bucket now so that no batch composition compiles later."""
+        cfg = self.config
+        for t in cfg.token_buckets():
+            for s in cfg.seq_buckets():
+                if s <= t:
+                    self._run_empty(t, s, decode=False)
+        if cfg.decode_steps > 1:
+            for s in cfg.seq_buckets():
+                self._run_empty(s, s, decode=True)
+        return self.compiles
+
+    def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:
+        plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])
+        inputs = build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs)
+        self._kv, self._counts, self._seen, out = self._fns.run(
+            self._kv, self._counts, self._seen, self._put(inputs), decode)
+        jax.block_until_ready(out)
+
+    # -- results -----------------------------------------------------------------------
+    def _apply(self, plan: StepPlan, out) -> None:
+        steps = int(out.steps)
+        for shard, rows in enumerate(plan.shards):
+            for i, item in enumerate(rows):
+                seq = item.seq
+                if seq.status is not Status.RUNNING:
+                    continue  # aborted while the step ran
+                seq.fresh_slot = False
+                if not plan.decode:
+                    seq.num_computed += item.num_new
+                    if item.sample:
+                        self._append(seq, out, 0, shard, i)
+                else:
+                    for k in range(min(steps, item.max_steps)):
+                        seq.num_computed += 1
+                        if self._append(seq, out, k, shard, i):
+                            break
+                self._emit(seq, self._live[seq.request_id][1])
+
+    def _append(self, seq: Sequence, out, k: int, shard: int, row: int) -> bool:
+        token = int(out.tokens[k, shard, row])
+        seq.output_ids.append(token)
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
+        if seq.params.logprobs:
+            n = seq.params.logprobs
+            top = tuple((int(a), float(b)) for a, b in zip(
+                out.top_ids[k, shard, row, :n], out.top_logprobs[k, shard, row, :n], strict=True))
+        else:
+            top = ()
+        seq.pending_logprobs.append(TokenLogprob(token, float(out.logprobs[k, shard, row]), top))
+        seq.detokenizer.add(token)
+        reason = None
+        if token in seq.stop_ids or seq.detokenizer.stopped:
+            reason = "stop"
+        elif seq.remaining_output <= 0 or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return reason is not None
+
+    def _emit(self, seq: Sequence, handle: RequestHandle, error: str | None = None) -> None:
+        finished = seq.status is Status.FINISHED
+        new = tuple(seq.output_ids[seq.sent_tokens:])
+        if not new and not finished:
+            return
+        seq.sent_tokens = len(seq.output_ids)
+        logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
+        chunk = StreamChunk(request_id=seq.request_id, token_ids=new,
+                            text=seq.detokenizer.take(final=finished), logprobs=logprobs)
+        if finished:
+            ms = lambda t: None if t is None else (t - seq.arrival) * 1e3  # noqa: E731
+            chunk = StreamChunk(
+                **{**chunk.__dict__, "finish_reason": seq.finish_reason,
+                   "usage": Usage(len(seq.prompt_ids), len(seq.output_ids)),
+                   "queue_ms": ms(seq.first_scheduled), "ttft_ms": ms(seq.first_token),
+                   "error": error})
+            with self._lock:
+                self._live.pop(seq.request_id, None)
+                self._finished += 1
+        handle.put(chunk)
+
+    def _fail_all(self, message: str, reason: str) -> None:
+        with self._lock:
+            live = list(self._live.values())
+            self._inbox.clear()
+        for seq, handle in live:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, reason)
+                self._emit(seq, handle, error=message)

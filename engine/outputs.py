@@ -1,0 +1,56 @@
+"""What the engine hands back: streamed chunks, final usage, statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) alternatives, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamChunk:
+    """New tokens of one request since its previous chunk.
+
+    `text` is UTF-8 safe: never part of a multi-byte character, and text that could be
+    the start of a stop string is held back until it is known not to be one.
+    The last chunk has `finish_reason` ("stop", "length" or "abort"), `usage` and timings.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    queue_ms: float | None = None  # arrival → first scheduled
+    ttft_ms: float | None = None  # arrival → first token
+    error: str | None = None  # set with finish_reason "abort" when the engine failed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_pages: int
+    total_pages: int
+    preemptions: int
+    waiting_tokens: int
+    running_tokens: int
+    finished: int
+    compiles: int

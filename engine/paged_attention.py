@@ -1,0 +1,85 @@
+"""The model's attention over the paged KV cache, one ragged batch per data shard.
+
+Each device runs the ragged paged attention (kernel or reference) on its own data
+shard's batch and its own kv heads inside `shard_map`, the way the kernels want it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from meshes import ShardingRules
+from models.config import ModelConfig
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+CACHE_AXES = ("cache_batch", "pages", "page_slot", "kv_channels", "head_dim")
+
+
+def cache_shape(cfg: ModelConfig, data: int, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (data, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+
+
+def init_paged_cache(cfg: ModelConfig, rules: ShardingRules, data: int, num_pages: int,
+                     page_size: int, dtype) -> list[jax.Array]:
+    """One [data, pages, page_size, 2*kv_heads, head_dim] array per layer, K/V interleaved."""
+    shape = cache_shape(cfg, data, num_pages, page_size)
+    sharding = rules.sharding(CACHE_AXES, shape)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return [make() for _ in range(cfg.num_layers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpecs:
+    """Static description of how the attention's inputs are laid out on the mesh."""
+
+    mesh: jax.sharding.Mesh
+    q: PartitionSpec
+    cache: PartitionSpec
+    meta: PartitionSpec
+    windows: tuple[int | None, ...]
+    impl: str | None
+
+    @classmethod
+    def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
+        return cls(
+            mesh=rules.mesh,
+            q=rules.spec(("batch", None, "heads", "head_dim")),
+            cache=rules.spec(CACHE_AXES),
+            meta=rules.spec(("batch",)),
+            windows=cfg.sliding_windows,
+            impl=impl,
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedAttention:
+    kv_lens: jax.Array  # [data, seqs]
+    page_indices: jax.Array  # [data, seqs, pages_per_seq]
+    cu_q_lens: jax.Array  # [data, seqs + 1]
+    num_seqs: jax.Array  # [data, 1]
+    specs: AttentionSpecs = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, layer, q, k, v, cache):
+        s = self.specs
+        window = s.windows[layer] if s.windows else None
+        attend = functools.partial(ragged_paged_attention, sliding_window=window, impl=s.impl)
+
+        def local(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+            out, pages = attend(q[0], k[0], v[0], pages[0], kv_lens[0], page_indices[0],
+                                cu_q_lens[0], num_seqs[0])
+            return out[None], pages[None]
+
+        meta = s.meta
+        return jax.shard_map(
+            local,
+            mesh=s.mesh,
+            in_specs=(s.q, s.q, s.q, s.cache, meta, meta, meta, meta),
+            out_specs=(s.q, s.cache),
+            check_vma=False,
+        )(q, k, v, cache, self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs)

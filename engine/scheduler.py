@@ -1,0 +1,170 @@
+"""Continuous batching: which sequences run this step, with how many tokens.
+
+Per data shard: a token budget per step, a fixed number of batch slots and a page pool.
+Decodes go first, then prefill chunks of running sequences, then admissions. When pages
+run out the newest running sequence is preempted (its pages freed; it is recomputed
+from prompt + output later, so its output never changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from engine.config import EngineConfig
+from engine.pages import PageAllocator
+from engine.sequence import Sequence, Status
+
+
+@dataclasses.dataclass
+class Scheduled:
+    seq: Sequence
+    num_new: int  # tokens fed this step (decode loop: 1 per iteration)
+    sample: bool  # the token sampled after them is kept
+    max_steps: int = 1  # decode loop: iterations this row may run
+
+
+@dataclasses.dataclass
+class StepPlan:
+    decode: bool
+    shards: list[list[Scheduled]]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.shards)
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, num_shards: int, num_pages: int, max_model_len: int):
+        self.cfg = cfg
+        self.max_model_len = max_model_len
+        self.allocators = [PageAllocator(num_pages) for _ in range(num_shards)]
+        self._free_slots = [list(range(cfg.max_seqs - 1, -1, -1)) for _ in range(num_shards)]
+        self.running: list[list[Sequence]] = [[] for _ in range(num_shards)]
+        self.waiting: list[Sequence] = []
+        self.preemptions = 0
+        self._order = itertools.count()
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.page_size)
+
+    def add(self, seq: Sequence) -> None:
+        seq.order = next(self._order)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+        self.waiting.sort(key=lambda s: (s.priority, s.arrival, s.order))
+
+    def release(self, seq: Sequence) -> None:
+        """Give back pages and slot (on finish, abort or preemption)."""
+        if seq.shard is not None:
+            self.allocators[seq.shard].release(seq.pages)
+            self._free_slots[seq.shard].append(seq.slot)
+            if seq in self.running[seq.shard]:
+                self.running[seq.shard].remove(seq)
+        seq.pages, seq.shard, seq.slot = [], None, None
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self.release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.release(seq)
+        seq.num_computed = 0
+        self.preemptions += 1
+        self._enqueue(seq)
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    def free_pages(self) -> int:
+        return sum(a.free for a in self.allocators)
+
+    # -- planning ----------------------------------------------------------------------
+    def _ensure_pages(self, shard: int, seq: Sequence, tokens: int) -> bool:
+        """Give `seq` pages for `tokens` tokens, preempting the newest sequences of its
+        shard if needed. False if `seq` itself had to be preempted."""
+        need = self.pages_for(tokens) - len(seq.pages)
+        alloc = self.allocators[shard]
+        while need > alloc.free:
+            victim = max(self.running[shard], key=lambda s: s.order)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.pages.extend(alloc.allocate(need))
+        return True
+
+    def _decode_steps(self, seq: Sequence) -> int:
+        # Each iteration yields one token; the last one may sit at max_model_len - 1.
+        return max(0, min(self.cfg.decode_steps, seq.remaining_output,
+                          self.max_model_len - seq.num_tokens))
+
+    def _admissible_shard(self, seq: Sequence, budgets: list[int]) -> int | None:
+        best = None
+        for shard, alloc in enumerate(self.allocators):
+            if not self._free_slots[shard] or budgets[shard] <= 0:
+                continue
+            # Admit only when the whole known context fits, so chunked prefill of a long
+            # prompt does not thrash against the decodes already running.
+            if alloc.free < self.pages_for(seq.num_tokens + 1):
+                continue
+            if best is None or alloc.free > self.allocators[best].free:
+                best = shard
+        return best
+
+    def schedule(self) -> StepPlan:
+        budgets = [self.cfg.max_step_tokens] * len(self.allocators)
+        admissible = bool(self.waiting) and self._admissible_shard(self.waiting[0], budgets) is not None
+        everyone_decodes = all(s.is_decoding for r in self.running for s in r)
+        if self.num_running and everyone_decodes and not admissible and self.cfg.decode_steps > 1:
+            return self._plan_decode()
+        return self._plan_mixed(budgets)
+
+    def _plan_decode(self) -> StepPlan:
+        shards: list[list[Scheduled]] = []
+        for shard, running in enumerate(self.running):
+            plan = []
+            for seq in sorted(running, key=lambda s: s.order):
+                if seq.status is not Status.RUNNING:
+                    continue  # preempted while planning an older sequence
+                steps = self._decode_steps(seq)
+                # Iteration i writes position num_tokens - 1 + i.
+                if self._ensure_pages(shard, seq, seq.num_tokens + steps - 1):
+                    plan.append(Scheduled(seq, 1, True, steps))
+            shards.append([p for p in plan if p.seq.status is Status.RUNNING])
+        return StepPlan(decode=True, shards=shards)
+
+    def _plan_mixed(self, budgets: list[int]) -> StepPlan:
+        shards: list[list[Scheduled]] = [[] for _ in self.allocators]
+        for shard, running in enumerate(self.running):
+            for seq in sorted(running, key=lambda s: s.order):
+                if seq.status is not Status.RUNNING or budgets[shard] <= 0:
+                    continue
+                n = min(seq.tokens_to_compute, budgets[shard])
+                if self._ensure_pages(shard, seq, seq.num_computed + n):
+                    shards[shard].append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+                    budgets[shard] -= n
+            shards[shard] = [p for p in shards[shard] if p.seq.status is Status.RUNNING]
+            budgets[shard] = self.cfg.max_step_tokens - sum(p.num_new for p in shards[shard])
+        while self.waiting:
+            seq = self.waiting[0]
+            shard = self._admissible_shard(seq, budgets)
+            if shard is None:
+                break
+            self.waiting.pop(0)
+            seq.shard, seq.slot = shard, self._free_slots[shard].pop()
+            seq.status, seq.fresh_slot = Status.RUNNING, True
+            self.running[shard].append(seq)
+            n = min(seq.tokens_to_compute, budgets[shard])
+            seq.pages = self.allocators[shard].allocate(self.pages_for(seq.num_computed + n))
+            shards[shard].append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+            budgets[shard] -= n
+        return StepPlan(decode=False, shards=shards)

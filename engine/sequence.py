@@ -1,0 +1,62 @@
+"""A request as the scheduler sees it."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: tuple[int, ...]  # EOS (unless ignore_eos) and stop_token_ids
+    detokenizer: IncrementalDetokenizer
+    priority: int = 0
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    order: int = 0  # admission order: the newest running sequence is preempted first
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    shard: int | None = None
+    slot: int | None = None
+    status: Status = Status.WAITING
+    fresh_slot: bool = False  # statistics of its slot must be reset on the next step
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finish_reason: str | None = None
+    sent_tokens: int = 0  # output tokens already streamed
+    pending_logprobs: list = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    @property
+    def is_decoding(self) -> bool:
+        """Only the last sampled token is left to feed."""
+        return self.num_computed == self.num_tokens - 1 and bool(self.output_ids)
+
+    @property
+    def tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def remaining_output(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
