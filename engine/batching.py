@@ -10,8 +10,14 @@ from engine.scheduler import StepPlan
 from engine.step import StepInputs
 
 
-def build_inputs(plan: StepPlan, cfg: EngineConfig, pages_per_seq: int, pad_page: int,
-                 tokens_bucket: int | None = None, seqs_bucket: int | None = None) -> StepInputs:
+def build_inputs(
+    plan: StepPlan,
+    cfg: EngineConfig,
+    pages_per_seq: int,
+    pad_page: int,
+    tokens_bucket: int | None = None,
+    seqs_bucket: int | None = None,
+) -> StepInputs:
     """numpy arrays shaped [data, bucket...]; padding rows and tokens write nothing.
     Buckets come from the plan unless given (warm-up compiles every bucket)."""
     d = len(plan.shards)
@@ -52,7 +58,8 @@ def build_inputs(plan: StepPlan, cfg: EngineConfig, pages_per_seq: int, pad_page
                 tokens[shard, offset] = seq.token(start)
             else:
                 tokens[shard, offset : offset + n] = (seq.prompt_ids + seq.output_ids)[
-                    start : start + n]
+                    start : start + n
+                ]
             positions[shard, offset : offset + n] = np.arange(start, start + n)
             token_slot[shard, offset : offset + n] = seq.slot
             is_output[shard, offset : offset + n] = np.arange(start, start + n) >= len(
@@ -70,10 +77,16 @@ def build_inputs(plan: StepPlan, cfg: EngineConfig, pages_per_seq: int, pad_page
             remaining[shard, i] = item.max_steps
             p = seq.params
             temperature[shard, i], top_p[shard, i], min_p[shard, i] = (
-                p.temperature, p.top_p, p.min_p)
+                p.temperature,
+                p.top_p,
+                p.min_p,
+            )
             top_k[shard, i] = p.top_k
             rep[shard, i], pres[shard, i], freq[shard, i] = (
-                p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+            )
             seed_lo[shard, i] = seq.seed & 0xFFFFFFFF
             seed_hi[shard, i] = (seq.seed >> 32) & 0xFFFFFFFF
             gen_index[shard, i] = len(seq.output_ids)
@@ -81,17 +94,33 @@ def build_inputs(plan: StepPlan, cfg: EngineConfig, pages_per_seq: int, pad_page
         cu[shard, len(rows) + 1 :] = offset
     live = temperature > 0
     sampling = SamplingBatch(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
-        seed_lo=seed_lo, seed_hi=seed_hi, gen_index=gen_index,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=rep,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        seed_lo=seed_lo,
+        seed_hi=seed_hi,
+        gen_index=gen_index,
         any_random=np.bool_(live.any()),
         any_filter=np.bool_((live & ((top_k > 0) | (top_p < 1))).any()),
         any_penalty=np.bool_(((rep != 1) | (pres != 0) | (freq != 0)).any()),
         any_logprobs=np.bool_(any_logprobs),
     )
     return StepInputs(
-        tokens=tokens, positions=positions, token_slot=token_slot, token_is_output=is_output,
-        cu_q_lens=cu, kv_lens=kv_lens, page_indices=pages, num_seqs=num_seqs,
-        slot_ids=slot_ids, reset_slots=reset, stop_ids=stop_ids, remaining=remaining,
+        tokens=tokens,
+        positions=positions,
+        token_slot=token_slot,
+        token_is_output=is_output,
+        cu_q_lens=cu,
+        kv_lens=kv_lens,
+        page_indices=pages,
+        num_seqs=num_seqs,
+        slot_ids=slot_ids,
+        reset_slots=reset,
+        stop_ids=stop_ids,
+        remaining=remaining,
         sampling=sampling,
     )

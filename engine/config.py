@@ -34,7 +34,9 @@ class EngineConfig:
     max_stop_ids: int = 8  # EOS ids + stop_token_ids checked on device
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 1 << 20
+    # Smallest buckets: raising them trades padding for fewer compiled programs.
     min_token_bucket: int = 16
+    min_seq_bucket: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,10 +48,12 @@ class EngineConfig:
             raise ValueError("decode_steps must be >= 1")
 
     def token_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two(min(self.min_token_bucket, self.max_step_tokens), self.max_step_tokens)
+        return _powers_of_two(
+            min(self.min_token_bucket, self.max_step_tokens), self.max_step_tokens
+        )
 
     def seq_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two(1, self.max_seqs)
+        return _powers_of_two(min(self.min_seq_bucket, self.max_seqs), self.max_seqs)
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:

@@ -14,8 +14,9 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded as context so leading spaces come o
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
-                 stop: Sequence[str] = ()):
+    def __init__(
+        self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], stop: Sequence[str] = ()
+    ):
         self._tok = tokenizer
         context = list(prompt_ids[-_CONTEXT_TOKENS:]) if tokenizer else []
         self._ids = context

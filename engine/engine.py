@@ -32,8 +32,7 @@ from engine.step import StepFunctions, StepInputs
 from models.loading import ShardedModel, memory_plan
 from models.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineOverloadedError",
-           "RequestHandle"]
+__all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "RequestHandle"]
 
 
 class EngineOverloadedError(RuntimeError):
@@ -47,11 +46,20 @@ class EngineDeadError(RuntimeError):
 def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -> int:
     """Pages per data shard from what the memory planner leaves after weights."""
     mc = model.config
-    per_page = (mc.num_layers * cfg.page_size * 2 * mc.num_kv_heads * mc.head_dim
-                * jnp.dtype(model.dtype).itemsize) // model.rules.axis_size("kv_heads")
-    plan = memory_plan(model.source_config, model.rules.mesh, model.dtype, 0,
-                       max_step_tokens=cfg.max_step_tokens)
-    budget = (plan.capacity_bytes - plan.weights_bytes - plan.reserve_bytes) * cfg.kv_memory_fraction
+    per_page = (
+        mc.num_layers
+        * cfg.page_size
+        * 2
+        * mc.num_kv_heads
+        * mc.head_dim
+        * jnp.dtype(model.dtype).itemsize
+    ) // model.rules.axis_size("kv_heads")
+    plan = memory_plan(
+        model.source_config, model.rules.mesh, model.dtype, 0, max_step_tokens=cfg.max_step_tokens
+    )
+    budget = (
+        plan.capacity_bytes - plan.weights_bytes - plan.reserve_bytes
+    ) * cfg.kv_memory_fraction
     if cfg.max_kv_memory_bytes is not None:
         budget = min(budget, cfg.max_kv_memory_bytes)
     pages = int(budget // per_page)
@@ -66,25 +74,33 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
 
 
 class Engine:
-    def __init__(self, model: ShardedModel, config: EngineConfig | None = None,
-                 tokenizer: Tokenizer | None = None, attention_impl: str | None = None):
+    def __init__(
+        self,
+        model: ShardedModel,
+        config: EngineConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+        attention_impl: str | None = None,
+    ):
         self.model = model
         self.config = cfg = config or EngineConfig()
         self.tokenizer = tokenizer
         mc = model.config
         self.vocab_size = mc.vocab_size
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings)
+        self.max_model_len = min(
+            cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
         self.pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
         self.num_pages = cfg.num_pages or plan_num_pages(model, cfg, self.max_model_len)
         rules = model.rules
         self.data_shards = rules.axis_size("batch")
-        self._kv = init_paged_cache(mc, rules, self.data_shards, self.num_pages, cfg.page_size,
-                                    model.dtype)
+        self._kv = init_paged_cache(
+            mc, rules, self.data_shards, self.num_pages, cfg.page_size, model.dtype
+        )
         stats_shape = (self.data_shards, cfg.max_seqs, mc.vocab_size)
         stats_sharding = rules.sharding(("cache_batch", None, None), stats_shape)
-        self._counts = jax.jit(lambda: jnp.zeros(stats_shape, jnp.int32),
-                               out_shardings=stats_sharding)()
+        self._counts = jax.jit(
+            lambda: jnp.zeros(stats_shape, jnp.int32), out_shardings=stats_sharding
+        )()
         self._seen = jax.jit(lambda: jnp.zeros(stats_shape, bool), out_shardings=stats_sharding)()
         specs = AttentionSpecs.create(rules, mc, attention_impl)
         self._fns = StepFunctions(model, specs, cfg.max_logprobs, cfg.decode_steps)
@@ -109,8 +125,13 @@ class Engine:
     def compiles(self) -> int:
         return self._fns.compiles
 
-    def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> RequestHandle:
+    def add_request(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> RequestHandle:
         params = (params or SamplingParams()).validate(self.vocab_size, self.config.max_logprobs)
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -118,20 +139,25 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the maximum model length {self.max_model_len}")
+                f"exceeds the maximum model length {self.max_model_len}"
+            )
         if self.scheduler.pages_for(total) > self.num_pages:
             raise InvalidRequestError(
                 f"the request needs {self.scheduler.pages_for(total)} KV pages; "
-                f"the cache has {self.num_pages}")
+                f"the cache has {self.num_pages}"
+            )
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
         eos = () if params.ignore_eos else self.model.config.eos_token_ids
         seq = Sequence(
-            request_id=request_id, prompt_ids=prompt, params=params,
+            request_id=request_id,
+            prompt_ids=prompt,
+            params=params,
             seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
             stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
@@ -146,12 +172,14 @@ class Engine:
             waiting = [s for s in self.scheduler.waiting] + self._inbox
             if len(waiting) >= self.config.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"{len(waiting)} requests are waiting (limit {self.config.max_waiting_requests})")
+                    f"{len(waiting)} requests are waiting (limit {self.config.max_waiting_requests})"
+                )
             tokens = sum(s.num_tokens for s in waiting) + len(prompt)
             if tokens > self.config.max_waiting_tokens:
                 raise EngineOverloadedError(
                     f"waiting prompts would hold {tokens} tokens "
-                    f"(limit {self.config.max_waiting_tokens})")
+                    f"(limit {self.config.max_waiting_tokens})"
+                )
             self._live[request_id] = (seq, handle)
             self._inbox.append(seq)
             self._lock.notify_all()
@@ -171,17 +199,20 @@ class Engine:
             waiting = list(s.waiting) + list(self._inbox)
         running = [q for r in s.running for q in r]
         return EngineStats(
-            running=len(running), waiting=len(waiting), free_pages=s.free_pages(),
-            total_pages=self.num_pages * self.data_shards, preemptions=s.preemptions,
+            running=len(running),
+            waiting=len(waiting),
+            free_pages=s.free_pages(),
+            total_pages=self.num_pages * self.data_shards,
+            preemptions=s.preemptions,
             waiting_tokens=sum(q.num_tokens for q in waiting),
-            running_tokens=sum(q.num_tokens for q in running), finished=self._finished,
+            running_tokens=sum(q.num_tokens for q in running),
+            finished=self._finished,
             compiles=self.compiles,
         )
 
     def start(self) -> Engine:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="meshserve-engine",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._loop, name="meshserve-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -193,8 +224,9 @@ class Engine:
             self._thread.join(timeout)
         self._fail_all("the engine shut down", reason="abort")
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
-                 | None = None) -> list[list[StreamChunk]]:
+    def generate(
+        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[list[StreamChunk]]:
         """Run prompts to completion (without the background thread) and return their
         chunks; convenient for tools and tests."""
         if isinstance(params, SamplingParams) or params is None:
@@ -208,8 +240,13 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while (not self._stopping and not self._inbox and not self._aborts
-                       and not self.scheduler.num_running and not self.scheduler.waiting):
+                while (
+                    not self._stopping
+                    and not self._inbox
+                    and not self._aborts
+                    and not self.scheduler.num_running
+                    and not self.scheduler.waiting
+                ):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -244,7 +281,8 @@ class Engine:
                 item.seq.first_scheduled = item.seq.first_scheduled or now
         inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
         self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), plan.decode)
+            self._kv, self._counts, self._seen, self._put(inputs), plan.decode
+        )
         out = jax.device_get(out)  # the one host sync per call
         self._apply(plan, out)
         return True
@@ -275,7 +313,8 @@ class Engine:
         plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])
         inputs = build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs)
         self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), decode)
+            self._kv, self._counts, self._seen, self._put(inputs), decode
+        )
         jax.block_until_ready(out)
 
     # -- results -----------------------------------------------------------------------
@@ -305,8 +344,12 @@ class Engine:
             seq.first_token = time.monotonic()
         if seq.params.logprobs:
             n = seq.params.logprobs
-            top = tuple((int(a), float(b)) for a, b in zip(
-                out.top_ids[k, shard, row, :n], out.top_logprobs[k, shard, row, :n], strict=True))
+            top = tuple(
+                (int(a), float(b))
+                for a, b in zip(
+                    out.top_ids[k, shard, row, :n], out.top_logprobs[k, shard, row, :n], strict=True
+                )
+            )
         else:
             top = ()
         seq.pending_logprobs.append(TokenLogprob(token, float(out.logprobs[k, shard, row]), top))
@@ -322,20 +365,29 @@ class Engine:
 
     def _emit(self, seq: Sequence, handle: RequestHandle, error: str | None = None) -> None:
         finished = seq.status is Status.FINISHED
-        new = tuple(seq.output_ids[seq.sent_tokens:])
+        new = tuple(seq.output_ids[seq.sent_tokens :])
         if not new and not finished:
             return
         seq.sent_tokens = len(seq.output_ids)
         logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
-        chunk = StreamChunk(request_id=seq.request_id, token_ids=new,
-                            text=seq.detokenizer.take(final=finished), logprobs=logprobs)
+        chunk = StreamChunk(
+            request_id=seq.request_id,
+            token_ids=new,
+            text=seq.detokenizer.take(final=finished),
+            logprobs=logprobs,
+        )
         if finished:
             ms = lambda t: None if t is None else (t - seq.arrival) * 1e3  # noqa: E731
             chunk = StreamChunk(
-                **{**chunk.__dict__, "finish_reason": seq.finish_reason,
-                   "usage": Usage(len(seq.prompt_ids), len(seq.output_ids)),
-                   "queue_ms": ms(seq.first_scheduled), "ttft_ms": ms(seq.first_token),
-                   "error": error})
+                **{
+                    **chunk.__dict__,
+                    "finish_reason": seq.finish_reason,
+                    "usage": Usage(len(seq.prompt_ids), len(seq.output_ids)),
+                    "queue_ms": ms(seq.first_scheduled),
+                    "ttft_ms": ms(seq.first_token),
+                    "error": error,
+                }
+            )
             with self._lock:
                 self._live.pop(seq.request_id, None)
                 self._finished += 1

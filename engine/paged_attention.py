@@ -24,8 +24,9 @@ def cache_shape(cfg: ModelConfig, data: int, num_pages: int, page_size: int) -> 
     return (data, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
 
 
-def init_paged_cache(cfg: ModelConfig, rules: ShardingRules, data: int, num_pages: int,
-                     page_size: int, dtype) -> list[jax.Array]:
+def init_paged_cache(
+    cfg: ModelConfig, rules: ShardingRules, data: int, num_pages: int, page_size: int, dtype
+) -> list[jax.Array]:
     """One [data, pages, page_size, 2*kv_heads, head_dim] array per layer, K/V interleaved."""
     shape = cache_shape(cfg, data, num_pages, page_size)
     sharding = rules.sharding(CACHE_AXES, shape)
@@ -71,8 +72,9 @@ class PagedAttention:
         attend = functools.partial(ragged_paged_attention, sliding_window=window, impl=s.impl)
 
         def local(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs):
-            out, pages = attend(q[0], k[0], v[0], pages[0], kv_lens[0], page_indices[0],
-                                cu_q_lens[0], num_seqs[0])
+            out, pages = attend(
+                q[0], k[0], v[0], pages[0], kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
+            )
             return out[None], pages[None]
 
         meta = s.meta

@@ -65,7 +65,9 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2^63), got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            raise InvalidRequestError(
+                f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"
+            )
         for s in self.stop:
             if not s:
                 raise InvalidRequestError("stop strings must not be empty")
@@ -77,9 +79,13 @@ class SamplingParams:
             raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise InvalidRequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+            raise InvalidRequestError(
+                f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})"
+            )
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= max_logprobs:
-            raise InvalidRequestError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs!r}")
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {max_logprobs}], got {self.logprobs!r}"
+            )
         return self
 
     @property

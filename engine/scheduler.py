@@ -104,8 +104,9 @@ class Scheduler:
 
     def _decode_steps(self, seq: Sequence) -> int:
         # Each iteration yields one token; the last one may sit at max_model_len - 1.
-        return max(0, min(self.cfg.decode_steps, seq.remaining_output,
-                          self.max_model_len - seq.num_tokens))
+        return max(
+            0, min(self.cfg.decode_steps, seq.remaining_output, self.max_model_len - seq.num_tokens)
+        )
 
     def _admissible_shard(self, seq: Sequence, budgets: list[int]) -> int | None:
         best = None
@@ -122,7 +123,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budgets = [self.cfg.max_step_tokens] * len(self.allocators)
-        admissible = bool(self.waiting) and self._admissible_shard(self.waiting[0], budgets) is not None
+        admissible = (
+            bool(self.waiting) and self._admissible_shard(self.waiting[0], budgets) is not None
+        )
         everyone_decodes = all(s.is_decoding for r in self.running for s in r)
         if self.num_running and everyone_decodes and not admissible and self.cfg.decode_steps > 1:
             return self._plan_decode()

@@ -54,12 +54,8 @@ def _record_tokens(counts, seen, inp: StepInputs, tokens, first):
     step into their slot's rows."""
     reset = inp.reset_slots & first
     any_reset = jnp.any(reset)
-    counts = jax.lax.cond(
-        any_reset, lambda: jnp.where(reset[..., None], 0, counts), lambda: counts
-    )
-    seen = jax.lax.cond(
-        any_reset, lambda: jnp.where(reset[..., None], False, seen), lambda: seen
-    )
+    counts = jax.lax.cond(any_reset, lambda: jnp.where(reset[..., None], 0, counts), lambda: counts)
+    seen = jax.lax.cond(any_reset, lambda: jnp.where(reset[..., None], False, seen), lambda: seen)
     data = jnp.arange(tokens.shape[0])[:, None]
     counts = counts.at[data, inp.token_slot, tokens].add(
         inp.token_is_output.astype(counts.dtype), mode="drop"
@@ -71,8 +67,7 @@ def _record_tokens(counts, seen, inp: StepInputs, tokens, first):
 class StepFunctions:
     """Jitted step and decode loop for one model on one mesh, with a compile counter."""
 
-    def __init__(self, model: ShardedModel, specs: AttentionSpecs, num_top: int,
-                 decode_steps: int):
+    def __init__(self, model: ShardedModel, specs: AttentionSpecs, num_top: int, decode_steps: int):
         self.model = model
         self.rules: ShardingRules = model.rules
         self.compiles = 0
@@ -82,11 +77,23 @@ class StepFunctions:
         self._mixed = jax.jit(self._mixed_impl, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
 
-    def _forward_sample(self, params, kv, counts, seen, inp: StepInputs, tokens, positions,
-                        kv_lens, gen_index, first):
+    def _forward_sample(
+        self,
+        params,
+        kv,
+        counts,
+        seen,
+        inp: StepInputs,
+        tokens,
+        positions,
+        kv_lens,
+        gen_index,
+        first,
+    ):
         module = nnx.merge(self.model.graphdef, params)
-        attention = PagedAttention(kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs,
-                                   self._specs)
+        attention = PagedAttention(
+            kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs, self._specs
+        )
         counts, seen = _record_tokens(counts, seen, inp, tokens, first)
         hidden, kv = module.hidden(tokens, positions, kv, attention)
         last = jnp.maximum(inp.cu_q_lens[:, 1:] - 1, 0)
@@ -95,7 +102,8 @@ class StepFunctions:
         data = jnp.arange(counts.shape[0])[:, None]
         batch = dataclasses.replace(inp.sampling, gen_index=gen_index)
         out = sample(
-            logits, batch,
+            logits,
+            batch,
             lambda: (counts[data, inp.slot_ids], seen[data, inp.slot_ids]),
             self._num_top,
         )
@@ -104,8 +112,16 @@ class StepFunctions:
     def _mixed_impl(self, params, kv, counts, seen, inp: StepInputs):
         self.compiles += 1  # runs only while tracing
         kv, counts, seen, (tok, lp, top_ids, top_lp) = self._forward_sample(
-            params, kv, counts, seen, inp, inp.tokens, inp.positions, inp.kv_lens,
-            inp.sampling.gen_index, True,
+            params,
+            kv,
+            counts,
+            seen,
+            inp,
+            inp.tokens,
+            inp.positions,
+            inp.kv_lens,
+            inp.sampling.gen_index,
+            True,
         )
         out = StepOutputs(tok[None], lp[None], top_ids[None], top_lp[None], jnp.int32(1))
         return kv, counts, seen, out
@@ -119,23 +135,36 @@ class StepFunctions:
         n = self._num_top
         valid = jnp.arange(s)[None, :] < inp.num_seqs
         outputs = StepOutputs(
-            jnp.zeros((k, d, s), jnp.int32), jnp.zeros((k, d, s), jnp.float32),
-            jnp.zeros((k, d, s, n), jnp.int32), jnp.zeros((k, d, s, n), jnp.float32),
+            jnp.zeros((k, d, s), jnp.int32),
+            jnp.zeros((k, d, s), jnp.float32),
+            jnp.zeros((k, d, s, n), jnp.int32),
+            jnp.zeros((k, d, s, n), jnp.float32),
             jnp.int32(0),
         )
 
         def body(carry):
             i, kv, counts, seen, tokens, kv_lens, done, out = carry
             kv, counts, seen, (tok, lp, top_ids, top_lp) = self._forward_sample(
-                params, kv, counts, seen, inp, tokens, kv_lens - 1, kv_lens,
-                inp.sampling.gen_index + i, i == 0,
+                params,
+                kv,
+                counts,
+                seen,
+                inp,
+                tokens,
+                kv_lens - 1,
+                kv_lens,
+                inp.sampling.gen_index + i,
+                i == 0,
             )
             stopped = jnp.any(tok[..., None] == inp.stop_ids, axis=-1)
             done = done | stopped | (i + 1 >= inp.remaining)
             kv_lens = jnp.where(done, kv_lens, kv_lens + 1)
             out = StepOutputs(
-                out.tokens.at[i].set(tok), out.logprobs.at[i].set(lp),
-                out.top_ids.at[i].set(top_ids), out.top_logprobs.at[i].set(top_lp), i + 1,
+                out.tokens.at[i].set(tok),
+                out.logprobs.at[i].set(lp),
+                out.top_ids.at[i].set(top_ids),
+                out.top_logprobs.at[i].set(top_lp),
+                i + 1,
             )
             return i + 1, kv, counts, seen, tok, kv_lens, done, out
 

@@ -1,0 +1,309 @@
+"""TPU ragged paged attention kernel in TPU interpret mode (CPU) against the reference.
+
+Every value the kernel must not read is NaN (unused pages, unwritten slots, padding tokens,
+unused page-table entries), and the interpreter raises on out-of-bounds reads, so a stray read
+shows up as NaN or an error. Pages must match the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.ragged_paged_attention import (
+    choose_block_sizes,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    ragged_paged_attention_tpu,
+    vmem_footprint,
+)
+from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+
+F32_ATOL = 1e-5
+BF16_ATOL = 2e-2
+
+# name -> (seqs as (q_len, kv_len), T, max_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
+#          attention options, kernel block options)
+CASES = {
+    "decode_gqa4_ps16": (
+        [(1, 37), (1, 5), (1, 64), (1, 16), (1, 17), (1, 1)],
+        8,
+        8,
+        8,
+        2,
+        64,
+        16,
+        {},
+        {"num_queries_per_block": 4, "num_kv_pages_per_block": 2},
+    ),
+    "prefill_mha_ps32": (
+        [(20, 20), (45, 45), (3, 3)],
+        72,
+        4,
+        4,
+        4,
+        64,
+        32,
+        {},
+        {"num_queries_per_block": 16, "num_kv_pages_per_block": 1},
+    ),
+    "mixed_gqa8_ps16": (
+        [(1, 40), (16, 16), (1, 7), (9, 30), (0, 12), (3, 3)],
+        40,
+        8,
+        8,
+        1,
+        64,
+        16,
+        {},
+        {"num_queries_per_block": 8, "num_kv_pages_per_block": 2},
+    ),
+    "chunked_gqa4_ps32": (
+        [(24, 90), (8, 50), (1, 33)],
+        40,
+        4,
+        8,
+        2,
+        64,
+        32,
+        {},
+        {"num_queries_per_block": 8, "num_kv_pages_per_block": 2},
+    ),
+    "window_mixed_gqa4_ps16": (
+        [(30, 70), (1, 50), (12, 12), (1, 3)],
+        48,
+        4,
+        8,
+        2,
+        64,
+        16,
+        {"sliding_window": 20},
+        {"num_queries_per_block": 8, "num_kv_pages_per_block": 1},
+    ),
+    "softcap_mixed_gqa1_ps32": (
+        [(1, 80), (21, 21), (5, 40)],
+        32,
+        4,
+        2,
+        2,
+        128,
+        32,
+        {"soft_cap": 4.0, "sm_scale": 0.2},
+        {"num_queries_per_block": 8, "num_kv_pages_per_block": 2},
+    ),
+    "default_blocks_mixed_gqa4_ps16": (
+        [(1, 90), (20, 20), (4, 35)],
+        32,
+        4,
+        8,
+        2,
+        64,
+        16,
+        {"sliding_window": 50, "soft_cap": 30.0},
+        {},
+    ),
+}
+
+
+def make_batch(name, dtype=jnp.float32, seed=0):
+    seqs, tokens, max_seqs, hq, hkv, d, ps, _, _ = CASES[name]
+    need = max(-(-kv // ps) for _, kv in seqs)
+    return random_ragged_batch(
+        seqs,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        page_size=ps,
+        num_tokens=tokens,
+        max_seqs=max_seqs,
+        pages_per_seq=need + 1,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
+def _bits(x):
+    # Bitwise: exact for every dtype, and NaN-filled pages compare equal to themselves.
+    x = np.asarray(x)
+    return x.view(f"u{x.dtype.itemsize}")
+
+
+def check_against_reference(batch, out, pages, atol, **options):
+    want_out, want_pages = ragged_paged_attention_reference(*batch.args(), **options)
+    out = np.asarray(out, np.float32)
+    assert out.shape == batch.q.shape
+    assert np.isfinite(out).all(), "NaN in the output: the kernel read memory it must not"
+    np.testing.assert_allclose(out, np.asarray(want_out, np.float32), atol=atol, rtol=atol)
+    assert not out[sum(batch.q_lens) :].any(), "padding rows must be zero"
+    np.testing.assert_array_equal(_bits(pages), _bits(want_pages))
+    return float(np.abs(out - np.asarray(want_out, np.float32)).max())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tpu_kernel_matches_reference_f32(name):
+    *_, options, blocks = CASES[name]
+    batch = make_batch(name, seed=1)
+    out, pages = ragged_paged_attention_tpu(
+        *batch.args(), interpret=pltpu.InterpretParams(), **options, **blocks
+    )
+    check_against_reference(batch, out, pages, F32_ATOL, **options)
+
+
+def random_seqs(seed, max_seqs=10, max_kv=120):
+    """A random mix of decode, prefill and chunked-prefill sequences."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(int(rng.integers(2, max_seqs + 1))):
+        kv = int(rng.integers(1, max_kv))
+        kind = rng.choice(["decode", "prefill", "chunk"])
+        q = 1 if kind == "decode" else kv if kind == "prefill" else int(rng.integers(1, kv + 1))
+        seqs.append((min(q, 32), kv))
+    return seqs
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_tpu_kernel_random_batches(seed):
+    seqs = random_seqs(seed)
+    total = sum(q for q, _ in seqs)
+    options = {"sliding_window": 33} if seed % 2 else {}
+    batch = random_ragged_batch(
+        seqs,
+        num_q_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=16 << (seed % 2),
+        num_tokens=-(-(total + 3) // 8) * 8,
+        max_seqs=len(seqs) + 2,
+        pages_per_seq=8,
+        seed=seed,
+    )
+    out, pages = ragged_paged_attention_tpu(
+        *batch.args(),
+        interpret=pltpu.InterpretParams(),
+        num_queries_per_block=8,
+        num_kv_pages_per_block=2,
+        **options,
+    )
+    check_against_reference(batch, out, pages, F32_ATOL, **options)
+
+
+def test_tpu_kernel_matches_reference_bf16():
+    *_, options, blocks = CASES["mixed_gqa8_ps16"]
+    batch = make_batch("mixed_gqa8_ps16", dtype=jnp.bfloat16, seed=2)
+    out, pages = ragged_paged_attention_tpu(
+        *batch.args(), interpret=pltpu.InterpretParams(), soft_cap=10.0, **blocks
+    )
+    assert out.dtype == jnp.bfloat16 and pages.dtype == jnp.bfloat16
+    check_against_reference(batch, out, pages, BF16_ATOL, soft_cap=10.0)
+
+
+@pytest.mark.parametrize("num_cores", [1, 2])
+def test_tpu_kernel_has_no_races(num_cores):
+    # Two kv-head blocks: with two cores the 'parallel' head dimension really runs
+    # concurrently, and the detector checks the cache write -> page read ordering too.
+    batch = random_ragged_batch(
+        [(9, 20), (1, 33), (6, 6), (1, 17)],
+        num_q_heads=16,
+        num_kv_heads=8,
+        head_dim=32,
+        page_size=16,
+        num_tokens=24,
+        max_seqs=4,
+        pages_per_seq=3,
+        seed=3,
+    )
+    params = pltpu.InterpretParams(
+        detect_races=True, num_cores_or_threads=num_cores, random_seed=num_cores
+    )
+    out, pages = ragged_paged_attention_tpu(
+        *batch.args(),
+        interpret=params,
+        sliding_window=12,
+        num_queries_per_block=8,
+        num_kv_pages_per_block=1,
+        num_kv_heads_per_block=4,
+    )
+    jax.block_until_ready((out, pages))
+    assert tpu_interpreter.races is not None, "race detector did not run"
+    assert not tpu_interpreter.races.races_found
+    check_against_reference(batch, out, pages, F32_ATOL, sliding_window=12)
+
+
+def test_dispatch_runs_tpu_kernel_in_interpret_mode():
+    *_, options, blocks = CASES["chunked_gqa4_ps32"]
+    batch = make_batch("chunked_gqa4_ps32", seed=4)
+    out, pages = ragged_paged_attention(
+        *batch.args(), impl="tpu", interpret=True, tpu_options=blocks, **options
+    )
+    check_against_reference(batch, out, pages, F32_ATOL, **options)
+
+
+def test_tpu_kernel_lowers_to_mosaic():
+    # Pallas -> Mosaic lowering only; Mosaic's own compiler (libtpu) is not available on CPU.
+    for dtype in (jnp.float32, jnp.bfloat16):
+        batch = random_ragged_batch(
+            [(5, 20), (1, 33), (40, 40)],
+            num_q_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            page_size=16,
+            num_tokens=64,
+            max_seqs=8,
+            pages_per_seq=16,
+            dtype=dtype,
+        )
+        lowered = ragged_paged_attention_tpu.trace(
+            *batch.args(), sliding_window=64, soft_cap=30.0
+        ).lower(lowering_platforms=("tpu",))
+        assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_block_sizes_shrink_to_fit_vmem_and_refuse_explicit_overflow():
+    shape = dict(
+        num_tokens=2048,
+        num_kv_heads=8,
+        group=4,
+        head_dim=128,
+        page_size=16,
+        pages_per_seq=128,
+        q_dtype=jnp.bfloat16,
+        kv_dtype=jnp.bfloat16,
+    )
+    roomy = choose_block_sizes(**shape, vmem_limit_bytes=64 << 20)
+    assert (roomy.num_kv_pages_per_block, roomy.num_queries_per_block) == (32, 32)
+    assert roomy.num_kv_heads_per_block == 8 and roomy.vmem_bytes <= 64 << 20
+    tight = choose_block_sizes(**shape, vmem_limit_bytes=4 << 20)
+    assert tight.vmem_bytes <= 4 << 20
+    assert tight.num_kv_pages_per_block < roomy.num_kv_pages_per_block
+    assert tight.vmem_bytes == vmem_footprint(
+        block_q=tight.num_queries_per_block,
+        pages_per_block=tight.num_kv_pages_per_block,
+        kv_heads_per_block=tight.num_kv_heads_per_block,
+        group=4,
+        head_dim=128,
+        page_size=16,
+        q_dtype=jnp.bfloat16,
+        kv_dtype=jnp.bfloat16,
+    )
+    with pytest.raises(ValueError, match="VMEM"):
+        choose_block_sizes(
+            **shape,
+            vmem_limit_bytes=1 << 20,
+            num_kv_pages_per_block=64,
+            num_queries_per_block=256,
+            num_kv_heads_per_block=8,
+        )
+    with pytest.raises(ValueError, match="cannot fit VMEM"):
+        choose_block_sizes(**shape, vmem_limit_bytes=64 << 10)
+    with pytest.raises(ValueError, match="num_kv_heads_per_block"):
+        choose_block_sizes(**shape, num_kv_heads_per_block=3)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))
