@@ -309,6 +309,14 @@ class Engine:
                 self._run_empty(s, s, decode=True)
         return self.compiles
 
+    def precompile(self, decode: bool, seqs: int, tokens: int | None = None) -> None:
+        """Compile the program for the buckets holding `seqs` sequences / `tokens` tokens."""
+        from engine.config import bucket
+
+        s = bucket(seqs, self.config.seq_buckets())
+        t = s if decode else bucket(tokens or s, self.config.token_buckets())
+        self._run_empty(t, s, decode)
+
     def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:
         plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])
         inputs = build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs)

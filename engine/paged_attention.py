@@ -15,19 +15,23 @@ from jax.sharding import PartitionSpec
 
 from meshes import ShardingRules
 from models.config import ModelConfig
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
 
-CACHE_AXES = ("cache_batch", "pages", "page_slot", "kv_channels", "head_dim")
+# Pages of all data shards in one axis: shard d owns rows [d*N, (d+1)*N) and its page
+# tables hold local ids. Each device then sees exactly the [N, ...] array the kernels
+# take, and on one device nothing slices the cache (a slice or reshape inside the decode
+# loop makes XLA copy the whole cache every step).
+CACHE_AXES = ("cache_pages", "page_slot", "kv_channels", "head_dim")
 
 
 def cache_shape(cfg: ModelConfig, data: int, num_pages: int, page_size: int) -> tuple[int, ...]:
-    return (data, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+    return (data * num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
 
 
 def init_paged_cache(
     cfg: ModelConfig, rules: ShardingRules, data: int, num_pages: int, page_size: int, dtype
 ) -> list[jax.Array]:
-    """One [data, pages, page_size, 2*kv_heads, head_dim] array per layer, K/V interleaved."""
+    """One [data*pages, page_size, 2*kv_heads, head_dim] array per layer, K/V interleaved."""
     shape = cache_shape(cfg, data, num_pages, page_size)
     sharding = rules.sharding(CACHE_AXES, shape)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
@@ -44,6 +48,7 @@ class AttentionSpecs:
     meta: PartitionSpec
     windows: tuple[int | None, ...]
     impl: str | None
+    manual: bool  # kernels run per device inside shard_map; the reference under GSPMD
 
     @classmethod
     def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
@@ -54,6 +59,7 @@ class AttentionSpecs:
             meta=rules.spec(("batch",)),
             windows=cfg.sliding_windows,
             impl=impl,
+            manual=resolve_impl(impl) != "reference",
         )
 
 
@@ -70,18 +76,26 @@ class PagedAttention:
         s = self.specs
         window = s.windows[layer] if s.windows else None
         attend = functools.partial(ragged_paged_attention, sliding_window=window, impl=s.impl)
+        meta = (self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs)
+        data = q.shape[0]
 
-        def local(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs):
-            out, pages = attend(
-                q[0], k[0], v[0], pages[0], kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
-            )
-            return out[None], pages[None]
+        def one_shard(q, k, v, pages, *meta):
+            # The token side has a leading data axis of 1; the pages are already local.
+            out, pages = attend(q[0], k[0], v[0], pages, *(m[0] for m in meta))
+            return out[None], pages
 
-        meta = s.meta
-        return jax.shard_map(
-            local,
-            mesh=s.mesh,
-            in_specs=(s.q, s.q, s.q, s.cache, meta, meta, meta, meta),
-            out_specs=(s.q, s.cache),
-            check_vma=False,
-        )(q, k, v, cache, self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs)
+        if s.manual:  # kernels: each device runs its own shard's batch and kv heads
+            m = s.meta
+            return jax.shard_map(
+                one_shard,
+                mesh=s.mesh,
+                in_specs=(s.q, s.q, s.q, s.cache, m, m, m, m),
+                out_specs=(s.q, s.cache),
+                check_vma=False,
+            )(q, k, v, cache, *meta)
+        if data == 1:
+            return one_shard(q, k, v, cache, *meta)
+        # Several data shards under GSPMD (the CPU path): batch them with vmap.
+        pages = cache.reshape(data, -1, *cache.shape[1:])
+        out, pages = jax.vmap(attend)(q, k, v, pages, *meta)
+        return out, pages.reshape(cache.shape)

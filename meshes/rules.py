@@ -36,7 +36,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     # caches: each data shard owns its own page pool; pages hold kv heads split on tensor
     "cache_batch": "data",
     "cache_seq": None,
-    "pages": None,
+    "cache_pages": "data",
     "page_slot": None,
     "kv_channels": "tensor",
 }

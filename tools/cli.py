@@ -14,6 +14,8 @@ from absl import app, flags
 SUBCOMMANDS = {
     "convert": ("tools.convert", "convert a Hugging Face safetensors model to a checkpoint"),
     "generate": ("tools.generate", "generate text offline (or from a server with --target)"),
+    "serve": ("tools.serve", "serve a model over gRPC (streaming generation, health, metrics)"),
+    "bench-serving": ("tools.bench_serving", "load-test a running server (vLLM bench serve style)"),
 }
 
 # Errors that mean "your input is wrong": print the message, no traceback, exit 2.
@@ -56,9 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     define_common_flags()
     module.define_flags()
 
+    quiet = not any(a.startswith(("-v", "--v")) for a in argv[2:])
+
     def run(args: list[str]) -> int:
+        from absl import logging
+
         from meshes import set_cpu_device_count
 
+        if quiet:  # Orbax logs every save/restore at INFO; -v / --verbosity brings it back.
+            logging.set_verbosity(logging.WARNING)
         try:
             set_cpu_device_count(flags.FLAGS.cpu_devices)
             return module.main(args)
@@ -66,8 +74,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"meshserve {name}: error: {e}", file=sys.stderr)
             return 2
 
-    # Orbax and friends log every save/restore at INFO; -v / --verbosity brings it back.
-    flags.FLAGS.set_default("verbosity", -1)
     app.run(run, argv=[f"meshserve {name}", *map(_normalize, argv[2:])])
 
 

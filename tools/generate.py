@@ -19,6 +19,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_bool("ignore_eos", False, "Do not stop at the model's EOS tokens.")
     flags.DEFINE_bool("json", False, "Print one JSON object {token_ids, logprobs, text}.")
+    flags.DEFINE_string("target", None, "HOST:PORT of a `meshserve serve` server: stream from "
+                        "it instead of loading a model here.")
+    flags.DEFINE_string("auth_token_file", None, "With --target: bearer token file.")
+    flags.DEFINE_string("tls_ca", None, "With --target: use TLS, trusting this CA (PEM).")
 
 
 def _prompt_ids(tokenizer) -> list[int]:
@@ -35,11 +39,30 @@ def _prompt_ids(tokenizer) -> list[int]:
     return tokenizer.encode(f.prompt)
 
 
+def _remote() -> int:
+    """--target: stream from a server, printing text as it arrives."""
+    from serving import client
+
+    f = flags.FLAGS
+    if (f.prompt is None) == (f.token_ids is None):
+        raise ValueError("give exactly one of --prompt or --token-ids")
+    request = client.build_request(
+        prompt=f.prompt, token_ids=None if f.token_ids is None else [int(t) for t in f.token_ids],
+        max_tokens=f.max_tokens, temperature=f.temperature, seed=f.seed, ignore_eos=f.ignore_eos,
+        logprobs=0 if f.json else None,
+    )
+    return client.stream_to(sys.stdout, f.target, request, as_json=f.json,
+                            token=client.read_token(f.auth_token_file), tls_ca=f.tls_ca)
+
+
 def main(argv: list[str]) -> int:
     del argv
+    if flags.FLAGS.target:
+        return _remote()
     import jax.numpy as jnp
 
-    from engine.dense import DenseGenerator
+    from engine.engine import Engine, EngineConfig
+    from engine.sampling_params import SamplingParams
     from meshes import default_compute_dtype, make_mesh, parse_layout
     from models.checkpoint import checkpoint_config
     from models.loading import load_checkpoint, memory_plan
@@ -57,20 +80,31 @@ def main(argv: list[str]) -> int:
         ).check()
         print(plan.describe(), file=sys.stderr)
         model = load_checkpoint(ckpt, mesh, dtype)
-    stops = () if f.ignore_eos else cfg.eos_token_ids
-    result = DenseGenerator(model).generate(prompt, f.max_tokens, f.temperature, f.seed, stops)
-    text = tokenizer.decode(result.token_ids) if tokenizer else ""
+    # One request: a page pool just big enough for it, one sequence slot.
+    total = len(prompt) + f.max_tokens
+    engine = Engine(
+        model,
+        EngineConfig(num_pages=-(-total // 16) + 1, max_seqs=1, max_step_tokens=256,
+                     decode_steps=16),
+        tokenizer,
+    )
+    params = SamplingParams(max_tokens=f.max_tokens, temperature=f.temperature, seed=f.seed,
+                            ignore_eos=f.ignore_eos)
+    handle = engine.start().add_request(prompt, params)
+    token_ids, logprobs, text = [], [], []
+    for chunk in handle:  # printed as it arrives
+        token_ids += chunk.token_ids
+        logprobs += [lp.logprob for lp in chunk.logprobs]
+        text.append(chunk.text)
+        if not f.json:
+            print(chunk.text if tokenizer else " ".join(map(str, chunk.token_ids)), end="",
+                  flush=True)
+    engine.shutdown()
+    if chunk.error:
+        raise RuntimeError(chunk.error)
     if f.json:
-        print(
-            json.dumps(
-                {
-                    "token_ids": result.token_ids,
-                    "logprobs": result.logprobs,
-                    "text": text,
-                    "finish_reason": result.finish_reason,
-                }
-            )
-        )
+        print(json.dumps({"token_ids": token_ids, "logprobs": logprobs, "text": "".join(text),
+                          "finish_reason": chunk.finish_reason}))
     else:
-        print(text if tokenizer else " ".join(map(str, result.token_ids)))
+        print()
     return 0

@@ -1,0 +1,205 @@
+"""Engine throughput against transformers and against this machine's roofline.
+
+    python tools/bench_engine.py --out bench/engine.json          # the full run (~15 min)
+    python tools/bench_engine.py --quick                          # a smoke run (~1 min)
+
+Decode tokens/s at several batch sizes and contexts, prefill tokens/s, the same for
+transformers `generate` on the same random weights (decode step isolated as
+(time for 65 new tokens - time for 1) / 64), and each figure as a fraction of the
+roofline measured in the same run: per decode step max(bytes / bandwidth, FLOPs / rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.engine import Engine, EngineConfig  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from meshes import make_mesh, parse_layout  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.loading import load_checkpoint  # noqa: E402
+from tools import roofline  # noqa: E402
+
+LLAMA_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  max_position_embeddings=2048)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+
+
+def step_cost(cfg: ModelConfig, batch: int, context: int) -> tuple[float, float]:
+    """Bytes read/written and FLOPs of one decode step of `batch` tokens at `context`."""
+    e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = e * d * (2 * h + 2 * k) + 3 * e * cfg.intermediate_size
+    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * e  # + LM head
+    kv_token = cfg.num_layers * 2 * k * d * 4
+    bytes_moved = 4 * matmul_params + batch * (context * kv_token + kv_token + 4 * e)
+    flops = 2 * batch * matmul_params + 4 * batch * context * cfg.num_layers * h * d
+    return float(bytes_moved), float(flops)
+
+
+def make_models(spec: dict, workdir: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec)).eval()
+    hf.generation_config.eos_token_id = None
+    hf_dir = os.path.join(workdir, "hf")
+    hf.save_pretrained(hf_dir)
+    from tools.convert import convert
+
+    convert(hf_dir, os.path.join(workdir, "ckpt"), progress=False)
+    return hf, os.path.join(workdir, "ckpt")
+
+
+def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rng) -> float:
+    """Decode tokens/s once every sequence has finished its prefill."""
+    params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True)
+    handles = [engine.add_request(rng.integers(3, engine.vocab_size, context).tolist(), params)
+               for _ in range(batch)]
+    engine.precompile(decode=True, seqs=batch)
+    running = lambda: [s for r in engine.scheduler.running for s in r]  # noqa: E731
+    engine.step()  # takes the new requests in
+    while engine.scheduler.waiting or not all(s.is_decoding for s in running()):
+        engine.step()
+    before = sum(len(s.output_ids) for s in running())
+    start = time.perf_counter()
+    while engine.step():
+        pass
+    elapsed = time.perf_counter() - start
+    produced = sum(len(h_tokens) for h_tokens in (
+        [t for c in h for t in c.token_ids] for h in handles)) - before
+    return produced / elapsed
+
+
+def ours_prefill(engine: Engine, length: int, rng) -> float:
+    prompt = rng.integers(3, engine.vocab_size, length).tolist()
+    engine.generate([prompt], SamplingParams(max_tokens=1))  # compile these shapes
+    start = time.perf_counter()
+    engine.generate([prompt], SamplingParams(max_tokens=1))
+    return length / (time.perf_counter() - start)
+
+
+def hf_decode(hf, batch: int, context: int, new_tokens: int, rng) -> float:
+    import torch
+
+    ids = torch.tensor(rng.integers(3, hf.config.vocab_size, (batch, context)))
+
+    def run(n):
+        start = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    step = (run(new_tokens + 1) - run(1)) / new_tokens
+    return batch / step
+
+
+def hf_prefill(hf, length: int, rng) -> float:
+    import torch
+
+    ids = torch.tensor(rng.integers(3, hf.config.vocab_size, (1, length)))
+    with torch.no_grad():
+        hf(ids)
+        start = time.perf_counter()
+        hf(ids)
+    return length / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, few configs")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--contexts", default="128,1024")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--out", default=None, help="write results as JSON here")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = TINY if args.quick else LLAMA_125M
+    batches = [1, 8] if args.quick else [int(x) for x in args.batches.split(",")]
+    contexts = [64] if args.quick else [int(x) for x in args.contexts.split(",")]
+    rng = np.random.default_rng(0)
+    results = {"machine": f"{os.cpu_count()} CPU cores", "config": spec, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ckpt = make_models(spec, tmp)
+        model = load_checkpoint(ckpt, make_mesh(parse_layout("")))
+        cfg = model.config
+        max_b, max_ctx = max(batches), max(contexts) + args.new_tokens + 2
+        engine = Engine(model, EngineConfig(
+            num_pages=max_b * (-(-max_ctx // 16)) + 8, max_seqs=max_b,
+            max_step_tokens=max(512, max_b), decode_steps=args.decode_steps,
+            min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2)))
+        roof = roofline.measure()
+        results["roofline"] = {"bandwidth_GBps": roof.bandwidth / 1e9,
+                               "matmul_GFLOPs": roof.flops / 1e9}
+        print(f"roofline: {roof.bandwidth / 1e9:.1f} GB/s, {roof.flops / 1e9:.0f} GFLOP/s",
+              flush=True)
+        for context in contexts:
+            for batch in batches:
+                ours = ours_decode(engine, batch, context, args.new_tokens, rng)
+                theirs = None if args.skip_hf else hf_decode(hf, batch, context,
+                                                             args.new_tokens, rng)
+                bytes_moved, flops = step_cost(cfg, batch, context)
+                ideal = batch / roof.step_time(bytes_moved, flops)
+                row = {"kind": "decode", "batch": batch, "context": context,
+                       "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
+                       "ours_of_roofline": ours / ideal,
+                       "hf_of_roofline": None if theirs is None else theirs / ideal,
+                       "bound": "memory" if bytes_moved / roof.bandwidth > flops / roof.flops
+                       else "compute"}
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        ours = ours_prefill(engine, args.prefill_len, rng)
+        theirs = None if args.skip_hf else hf_prefill(hf, args.prefill_len, rng)
+        flops = 2 * args.prefill_len * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
+        ideal = args.prefill_len / (flops / roof.flops)
+        results["rows"].append({"kind": "prefill", "batch": 1, "context": args.prefill_len,
+                                "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
+                                "ours_of_roofline": ours / ideal,
+                                "ours_of_hf": None if theirs is None else ours / theirs})
+    print_table(results)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def print_table(results: dict) -> None:
+    print(f"\nroofline: {results['roofline']['bandwidth_GBps']:.1f} GB/s, "
+          f"{results['roofline']['matmul_GFLOPs']:.0f} GFLOP/s")
+    head = ("kind", "batch", "ctx", "ours tok/s", "HF tok/s", "roofline", "ours/roof", "HF/roof")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    fmt = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in results["rows"]:
+        hf_roof = r.get("hf_of_roofline")
+        if r["kind"] == "prefill":
+            hf_roof = None
+        print(f"| {r['kind']} | {r['batch']} | {r['context']} | {fmt(r['ours_tok_s'])} | "
+              f"{fmt(r['hf_tok_s'])} | {fmt(r['roofline_tok_s'])} | "
+              f"{fmt(r['ours_of_roofline'] * 100, 0)}% | "
+              f"{'-' if hf_roof is None else fmt(hf_roof * 100, 0) + '%'} |")
+    for r in results["rows"]:
+        if r["kind"] == "prefill" and r.get("ours_of_hf"):
+            print(f"prefill: ours / transformers = {r['ours_of_hf'] * 100:.0f}%")
+
+
+if __name__ == "__main__":
+    main()
