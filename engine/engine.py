@@ -172,7 +172,8 @@ class Engine:
             waiting = [s for s in self.scheduler.waiting] + self._inbox
             if len(waiting) >= self.config.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"{len(waiting)} requests are waiting (limit {self.config.max_waiting_requests})"
+                    f"{len(waiting)} requests are waiting "
+                    f"(limit {self.config.max_waiting_requests})"
                 )
             tokens = sum(s.num_tokens for s in waiting) + len(prompt)
             if tokens > self.config.max_waiting_tokens:

@@ -58,9 +58,10 @@ def test_staggered_arrivals_equal_runs_alone_and_transformers(engine, alone):
     assert_idle(engine)
 
 
-def test_tiny_page_pool_preempts_without_changing_outputs(checkpoint_dir, alone):
+@pytest.mark.parametrize("layout", ["", "data=2,tensor=2"])
+def test_tiny_page_pool_preempts_without_changing_outputs(checkpoint_dir, alone, layout):
     cfg = dataclasses.replace(SMALL, num_pages=14, max_seqs=8, min_seq_bucket=8)
-    engine = make_engine(checkpoint_dir("llama"), "", cfg)
+    engine = make_engine(checkpoint_dir("llama"), layout, cfg)
     picks = [4, 5, 6, 9, 12, 14, 15]
     results = engine.generate([PROMPTS[i] for i in picks], GREEDY)
     assert engine.stats().preemptions > 0

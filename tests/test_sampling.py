@@ -79,9 +79,9 @@ def test_penalties_match_their_definitions():
     assert freq[1] == 1.0
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir):
-    eng = make_engine(checkpoint_dir("llama"))
+@pytest.fixture(scope="module", params=["", "data=2,tensor=2"])
+def engine(checkpoint_dir, request):
+    eng = make_engine(checkpoint_dir("llama"), request.param)
     yield eng
     assert_idle(eng)
 
