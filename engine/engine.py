@@ -28,7 +28,7 @@ from engine.paged_attention import AttentionSpecs, init_paged_cache
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, StepPlan
 from engine.sequence import Sequence, Status
-from engine.step import StepFunctions, StepInputs
+from engine.step import StepFunctions, StepInputs, StepOutputs
 from models.loading import ShardedModel, memory_plan
 from models.tokenizer import Tokenizer
 
@@ -281,12 +281,19 @@ class Engine:
             for item in rows:
                 item.seq.first_scheduled = item.seq.first_scheduled or now
         inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
-        self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), plan.decode
-        )
-        out = jax.device_get(out)  # the one host sync per call
-        self._apply(plan, out)
+        self._apply(plan, self.execute(inputs, plan.decode))
         return True
+
+    def execute(self, inputs: StepInputs, decode: bool) -> StepOutputs:
+        """The device half of a step: host arrays in, host arrays out.
+
+        Everything that decides *what* runs happens before this on the host; a multi-host
+        leader sends `inputs` to its followers, which call this same method.
+        """
+        self._kv, self._counts, self._seen, out = self._fns.run(
+            self._kv, self._counts, self._seen, self._put(inputs), decode
+        )
+        return jax.device_get(out)  # the one host sync per call
 
     def _put(self, inputs: StepInputs) -> StepInputs:
         rules = self.model.rules
@@ -320,11 +327,7 @@ class Engine:
 
     def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:
         plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])
-        inputs = build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs)
-        self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), decode
-        )
-        jax.block_until_ready(out)
+        self.execute(build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs), decode)
 
     # -- results -----------------------------------------------------------------------
     def _apply(self, plan: StepPlan, out) -> None:
