@@ -281,11 +281,16 @@ class Engine:
             for item in rows:
                 item.seq.first_scheduled = item.seq.first_scheduled or now
         inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
-        self._apply(plan, self.execute(inputs, plan.decode))
+        pending = self.launch(inputs, plan.decode)
+        # The device runs asynchronously: take in requests that arrived meanwhile now, so
+        # the next schedule() finds them queued. (Aborts of sequences in this step are
+        # safe: their pages are only reused by a later step, ordered after this one.)
+        self._drain_inbox()
+        self._apply(plan, jax.device_get(pending))  # the one host sync per call
         return True
 
-    def execute(self, inputs: StepInputs, decode: bool) -> StepOutputs:
-        """The device half of a step: host arrays in, host arrays out.
+    def launch(self, inputs: StepInputs, decode: bool) -> StepOutputs:
+        """The device half of a step: host arrays in, device arrays out (asynchronously).
 
         Everything that decides *what* runs happens before this on the host; a multi-host
         leader sends `inputs` to its followers, which call this same method.
@@ -293,7 +298,11 @@ class Engine:
         self._kv, self._counts, self._seen, out = self._fns.run(
             self._kv, self._counts, self._seen, self._put(inputs), decode
         )
-        return jax.device_get(out)  # the one host sync per call
+        return out
+
+    def execute(self, inputs: StepInputs, decode: bool) -> StepOutputs:
+        """`launch`, then wait: host arrays out."""
+        return jax.device_get(self.launch(inputs, decode))
 
     def _put(self, inputs: StepInputs) -> StepInputs:
         rules = self.model.rules
