@@ -12,10 +12,8 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 # XLA:CPU compiles take seconds; identical programs (same engine shapes in several tests
 # or xdist workers) are compiled once per run through the persistent cache.
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get("MESHSERVE_TEST_JAX_CACHE", os.path.join("/tmp", f"meshserve-jax-cache-{os.getuid()}")),
-)
+_CACHE = os.path.join("/tmp", f"meshserve-jax-cache-{os.getuid()}")
+jax.config.update("jax_compilation_cache_dir", os.environ.get("MESHSERVE_TEST_JAX_CACHE", _CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402

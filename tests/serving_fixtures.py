@@ -34,10 +34,13 @@ SERVING_CONFIG = EngineConfig(
     max_model_len=256, decode_steps=4, max_logprobs=4, max_waiting_requests=64,
     max_waiting_tokens=2048,
 )
-# The same limits as flags, for `meshserve serve` subprocesses.
+# The same engine as flags, for `meshserve serve` subprocesses: identical programs, so
+# they load from the run's persistent compilation cache instead of compiling again.
 SERVING_FLAGS = (
-    "--page-size", "16", "--num-pages", "64", "--max-seqs", "8", "--max-step-tokens", "64",
-    "--max-model-len", "256", "--decode-steps", "4", "--max-logprobs", "4",
+    "--cpu-devices", "8", "--page-size", "16", "--num-pages", "64", "--max-seqs", "8",
+    "--max-step-tokens", "64", "--min-token-bucket", "64", "--max-model-len", "256",
+    "--decode-steps", "4", "--max-logprobs", "4", "--max-waiting-requests", "64",
+    "--max-waiting-tokens", "2048",
 )
 
 

@@ -21,96 +21,35 @@ from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 F32_ATOL = 1e-5
 BF16_ATOL = 2e-2
 
-# name -> (seqs as (q_len, kv_len), T, max_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
-#          attention options, kernel block options)
+
+def case(seqs, tokens, max_seqs, heads, head_dim, page_size, *, q=None, p=None, **options):
+    """(seqs, T, max_seqs, Hq, Hkv, D, page_size, attention options, kernel block options).
+
+    seqs are (q_len, kv_len); q / p are queries / kv pages per kernel block (None: default).
+    """
+    blocks = {"num_queries_per_block": q, "num_kv_pages_per_block": p}
+    blocks = {k: v for k, v in blocks.items() if v is not None}
+    return (seqs, tokens, max_seqs, *heads, head_dim, page_size, options, blocks)
+
+
 CASES = {
-    "decode_gqa4_ps16": (
-        [(1, 37), (1, 5), (1, 64), (1, 16), (1, 17), (1, 1)],
-        8,
-        8,
-        8,
-        2,
-        64,
-        16,
-        {},
-        {"num_kv_pages_per_block": 2},
+    "decode_gqa4_ps16": case(
+        [(1, 37), (1, 5), (1, 64), (1, 16), (1, 17), (1, 1)], 8, 8, (8, 2), 64, 16, p=2
     ),
-    "decode_gqa8_ps32_default_blocks": (
-        [(1, 100), (1, 31), (1, 32), (1, 33)],
-        4,
-        6,
-        16,
-        2,
-        64,
-        32,
-        {},
-        {},
+    "decode_gqa8_ps32_default_blocks": case(
+        [(1, 100), (1, 31), (1, 32), (1, 33)], 4, 6, (16, 2), 64, 32
     ),
-    "prefill_mha_ps32": (
-        [(20, 20), (45, 45), (3, 3)],
-        72,
-        4,
-        4,
-        4,
-        64,
-        32,
-        {},
-        {"num_queries_per_block": 16, "num_kv_pages_per_block": 1},
+    "prefill_mha_ps32": case([(20, 20), (45, 45), (3, 3)], 72, 4, (4, 4), 64, 32, q=16, p=1),
+    "mixed_gqa8_ps16": case(
+        [(1, 40), (16, 16), (1, 7), (9, 30), (0, 12), (3, 3)], 40, 8, (8, 1), 64, 16, q=4, p=2
     ),
-    "mixed_gqa8_ps16": (
-        [(1, 40), (16, 16), (1, 7), (9, 30), (0, 12), (3, 3)],
-        40,
-        8,
-        8,
-        1,
-        64,
-        16,
-        {},
-        {"num_queries_per_block": 4, "num_kv_pages_per_block": 2},
+    "mixed_gqa4_ps16_default_blocks": case([(1, 90), (20, 20), (4, 35)], 32, 4, (8, 2), 64, 16),
+    "chunked_gqa4_ps32": case([(24, 90), (8, 50), (1, 33)], 40, 4, (8, 2), 64, 32, q=4, p=2),
+    "window_mixed_gqa4_ps16": case(
+        [(30, 70), (1, 50), (12, 12), (1, 3)], 48, 4, (8, 2), 64, 16, q=8, p=1, sliding_window=20
     ),
-    "mixed_gqa4_ps16_default_blocks": (
-        [(1, 90), (20, 20), (4, 35)],
-        32,
-        4,
-        8,
-        2,
-        64,
-        16,
-        {},
-        {},
-    ),
-    "chunked_gqa4_ps32": (
-        [(24, 90), (8, 50), (1, 33)],
-        40,
-        4,
-        8,
-        2,
-        64,
-        32,
-        {},
-        {"num_queries_per_block": 4, "num_kv_pages_per_block": 2},
-    ),
-    "window_mixed_gqa4_ps16": (
-        [(30, 70), (1, 50), (12, 12), (1, 3)],
-        48,
-        4,
-        8,
-        2,
-        64,
-        16,
-        {"sliding_window": 20},
-        {"num_queries_per_block": 8, "num_kv_pages_per_block": 1},
-    ),
-    "softcap_mixed_gqa1_ps32": (
-        [(1, 80), (21, 21), (5, 40)],
-        32,
-        4,
-        2,
-        2,
-        128,
-        32,
-        {"soft_cap": 4.0, "sm_scale": 0.2},
-        {"num_queries_per_block": 16, "num_kv_pages_per_block": 2},
+    "softcap_mixed_gqa1_ps32": case(
+        [(1, 80), (21, 21), (5, 40)], 32, 4, (2, 2), 128, 32, q=16, p=2, soft_cap=4.0, sm_scale=0.2
     ),
 }
 
@@ -198,6 +137,15 @@ def test_gpu_kernel_matches_reference_bf16():
     check_against_reference(batch, out, pages, BF16_ATOL, sliding_window=25)
 
 
+def test_gpu_kernel_empty_batch_writes_nothing():
+    batch = make_batch("decode_gqa4_ps16")
+    out, pages = ragged_paged_attention_gpu(
+        *batch.args()[:-1], jnp.zeros((1,), jnp.int32), interpret=True
+    )
+    assert not np.asarray(out).any()
+    np.testing.assert_array_equal(_bits(pages), _bits(batch.kv_pages))
+
+
 def test_dispatch_runs_gpu_kernel_in_interpret_mode():
     *_, options, blocks = CASES["chunked_gqa4_ps32"]
     batch = make_batch("chunked_gqa4_ps32", seed=4)
@@ -239,9 +187,3 @@ def test_gpu_kernel_refuses_shapes_triton_cannot_tile():
     )
     with pytest.raises(ValueError, match="head_dim=24 is not a power of two"):
         ragged_paged_attention_gpu.trace(*batch.args()).lower(lowering_platforms=("cuda",))
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(pytest.main([__file__, "-q"]))

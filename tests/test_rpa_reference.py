@@ -284,9 +284,3 @@ def test_dispatch_default_is_reference_on_cpu_and_kernels_need_interpret(monkeyp
         with pytest.raises(ValueError, match="interpret=True"):
             ragged_paged_attention(*batch.args())
         monkeypatch.delenv(IMPL_ENV_VAR)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(pytest.main([__file__, "-q"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import threading
 
 import grpc
 import pytest
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
+    ServerThread,
     demo_ckpt,
     demo_model,
     error_of,
@@ -165,3 +167,19 @@ def test_deadline_frees_pages(demo_model, stub):  # noqa: F811
     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(engine, timeout=2.0)
     assert len(_good(stub)) == 3
+
+
+def test_stop_aborts_what_outlives_the_grace_period(demo_model):  # noqa: F811
+    server = ServerThread(demo_model)
+    channel, stub = stub_for(server.target)
+    with channel:
+        call = stub.Generate(request(token_ids=[1, 40, 41], max_tokens=250, ignore_eos=True))
+        first = next(call)
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": 0.1})
+        stopper.start()
+        rest = list(call)  # ends with a final chunk, not an error
+        stopper.join(30)
+    assert rest[-1].finish_reason == "abort"
+    assert len(first.token_ids) + len(tokens_of(rest)) < 250
+    assert rest[-1].usage.completion_tokens == len(first.token_ids) + len(tokens_of(rest))
+    wait_idle(demo_model.slices[0].engine, timeout=2.0)

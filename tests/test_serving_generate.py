@@ -137,4 +137,4 @@ def test_tokenize_detokenize_and_server_info(demo_model, stub):  # noqa: F811
     assert info.bos_token_id == 1 and list(info.eos_token_ids) == [2]
     s = info.slices[0]
     assert s.healthy and s.total_pages == 64 and s.mesh_layout.startswith("data=1,tensor=1")
-    assert s.devices == ["TFRT_CPU_0"] or len(s.devices) == 1
+    assert len(s.devices) == 1

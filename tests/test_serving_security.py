@@ -138,8 +138,7 @@ def test_health_and_reflection(demo_model):  # noqa: F811
         protos = replies[1].file_descriptor_response.file_descriptor_proto
         assert protos and b"GenerateRequest" in protos[0]
         # Draining: readiness goes NOT_SERVING while liveness stays SERVING.
-        server.server.service.draining = True
-        server.call(server.server._readiness())
+        server.call(server.server.drain())
         assert _health(server.target, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert _health(server.target, "") == health_pb2.HealthCheckResponse.SERVING
         channel, stub = stub_for(server.target)

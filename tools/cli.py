@@ -34,6 +34,8 @@ def _normalize(arg: str) -> str:
     if not arg.startswith("--") or arg == "--":
         return arg
     name, sep, value = arg[2:].partition("=")
+    if name.startswith("no-"):  # absl spells boolean negation --nofoo
+        name = "no" + name[3:]
     return "--" + name.replace("-", "_") + sep + value
 
 

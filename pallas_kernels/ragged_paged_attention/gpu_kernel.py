@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention import reference, validation
 
 MASK_VALUE = reference.MASK_VALUE
 
@@ -65,19 +65,28 @@ def choose_gpu_block_sizes(
 def _check_triton_shapes(rows: int, keys: int, pages: int, page_size: int, head_dim: int):
     # Triton tensors need power-of-two extents and tl.dot needs every dim >= 16.
     problems = []
-    for name, val in (("query rows per block (queries * group)", rows),
-                      ("keys per block (pages * page_size)", keys),
-                      ("kv pages per block", pages), ("page_size", page_size),
-                      ("head_dim", head_dim)):
+    for name, val in (
+        ("query rows per block (queries * group)", rows),
+        ("keys per block (pages * page_size)", keys),
+        ("kv pages per block", pages),
+        ("page_size", page_size),
+        ("head_dim", head_dim),
+    ):
         if not _is_pow2(val):
             problems.append(f"{name}={val} is not a power of two")
-    for name, val in (("query rows per block", rows), ("keys per block", keys),
-                      ("head_dim", head_dim)):
+    for name, val in (
+        ("query rows per block", rows),
+        ("keys per block", keys),
+        ("head_dim", head_dim),
+    ):
         if val < 16:
             problems.append(f"{name}={val} < 16 (tl.dot minimum)")
     if problems:
-        raise ValueError("GPU ragged paged attention: " + "; ".join(problems)
-                         + " (interpret mode has no such limits)")
+        raise ValueError(
+            "GPU ragged paged attention: "
+            + "; ".join(problems)
+            + " (interpret mode has no such limits)"
+        )
 
 
 def _kernel(
@@ -131,21 +140,23 @@ def _kernel(
     q = q_ref[pl.ds(pl.multiple_of(first_tok * group, rows), rows), :]
 
     def body(j, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         col0 = page_lo + j * pages_per_block
         cols = col0 + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
         col_ok = cols <= page_hi
-        ids = plt.load(page_indices_ref.at[seq, pl.ds(col0, pages_per_block)], mask=col_ok,
-                       other=0)
-        ids = jnp.where(col_ok, ids, first_page)
+        ids = plt.load(page_indices_ref.at[seq, pl.ds(col0, pages_per_block)], mask=col_ok, other=0)
+        # Clamped so a corrupt table cannot fault (validate_dynamic reports it in debug mode).
+        ids = jnp.clip(jnp.where(col_ok, ids, first_page), 0, k_ref.shape[0] - 1)
         k = k_ref[ids].reshape(keys, head_dim)
         v = v_ref[ids].reshape(keys, head_dim)
         kpos = col0 * page_size + lax.broadcasted_iota(jnp.int32, (keys,), 0)
         # Keys past the pair's last query are masked for every row; zero V so stale NaNs in
         # partially written pages cannot leak through 0 * NaN.
         v = jnp.where((kpos <= qpos_hi)[:, None], v, jnp.zeros_like(v))
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * sm_scale
+        s = (
+            lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * sm_scale
+        )
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = row_ok[:, None] & (kpos[None, :] <= qpos[:, None])
@@ -155,25 +166,33 @@ def _kernel(
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        l_new = alpha * l + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+        l_new = alpha * denom + jnp.sum(p, axis=1)
+        pv = lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         return m_new, l_new, alpha[:, None] * acc + pv
 
     m0 = jnp.full((rows,), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((rows,), jnp.float32)
     acc0 = jnp.zeros((rows, head_dim), jnp.float32)
-    _, l, acc = lax.fori_loop(0, num_kv_blocks, body, (m0, l0, acc0))
-    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-    plt.store(o_ref.at[pl.ds(first_tok * group, rows), :], out.astype(o_ref.dtype),
-              mask=row_ok[:, None])
+    _, denom, acc = lax.fori_loop(0, num_kv_blocks, body, (m0, l0, acc0))
+    out = acc / jnp.where(denom == 0.0, 1.0, denom)[:, None]
+    plt.store(
+        o_ref.at[pl.ds(first_tok * group, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None]
+    )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "sliding_window", "soft_cap", "num_queries_per_block",
-        "num_kv_pages_per_block", "num_warps", "num_stages", "interpret",
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "num_queries_per_block",
+        "num_kv_pages_per_block",
+        "num_warps",
+        "num_stages",
+        "interpret",
     ),
 )
 def ragged_paged_attention_gpu(
@@ -196,6 +215,9 @@ def ragged_paged_attention_gpu(
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """GPU ragged paged attention; contract of ``dispatch.ragged_paged_attention``."""
+    args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    validation.validate_static(*args, **options)  # trace time only
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
     num_kv_heads = num_combined // 2
@@ -204,23 +226,24 @@ def ragged_paged_attention_gpu(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     bq, bp = choose_gpu_block_sizes(
-        num_tokens=num_tokens, max_seqs=max_seqs, group=group, page_size=page_size,
-        pages_per_seq=pages_per_seq, num_queries_per_block=num_queries_per_block,
+        num_tokens=num_tokens,
+        max_seqs=max_seqs,
+        group=group,
+        page_size=page_size,
+        pages_per_seq=pages_per_seq,
+        num_queries_per_block=num_queries_per_block,
         num_kv_pages_per_block=num_kv_pages_per_block,
     )
     rows = bq * group
     if not interpret:
         _check_triton_shapes(rows, bp * page_size, bp, page_size, head_dim)
 
-    kv_pages = reference.write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens,
-                                        num_seqs)
+    kv_pages = reference.write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     work = reference.build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
     num_pairs = work.pair_seq.shape[0]
     num_blocks = work.blk_start.shape[0] - 1
     padded = num_blocks * bq
-    q_heads = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0))).reshape(
-        padded, num_kv_heads, group, head_dim
-    ).transpose(1, 0, 2, 3).reshape(num_kv_heads, padded * group, head_dim)
+    q_heads = reference.group_queries_by_kv_head(q, num_kv_heads, padded)
 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda p, h, nd=x.ndim: (0,) * nd)
@@ -229,8 +252,13 @@ def ragged_paged_attention_gpu(
     head_rows = pl.BlockSpec((None, padded * group, head_dim), lambda p, h: (h, 0, 0))
     num_pages = kv_pages.shape[0]
     kernel = functools.partial(
-        _kernel, block_q=bq, group=group, pages_per_block=bp, sm_scale=float(sm_scale),
-        sliding_window=sliding_window, soft_cap=soft_cap,
+        _kernel,
+        block_q=bq,
+        group=group,
+        pages_per_block=bp,
+        sm_scale=float(sm_scale),
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
     )
     out = pl.pallas_call(
         kernel,
@@ -240,8 +268,7 @@ def ragged_paged_attention_gpu(
             head_rows,
             # Same cache twice: K lives in channel 2h, V in channel 2h + 1.
             pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h, 0)),
-            pl.BlockSpec((num_pages, page_size, None, head_dim),
-                         lambda p, h: (0, 0, 2 * h + 1, 0)),
+            pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h + 1, 0)),
         ],
         out_specs=head_rows,
         out_shape=jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
@@ -249,8 +276,7 @@ def ragged_paged_attention_gpu(
         interpret=interpret,
         name="meshserve_ragged_paged_attention_gpu",
     )(*metadata, q_heads, kv_pages, kv_pages)
-    out = out.reshape(num_kv_heads, padded, group, head_dim).transpose(1, 0, 2, 3)
-    out = out.reshape(padded, num_q_heads, head_dim)[:num_tokens]
+    out = reference.ungroup_queries(out, num_tokens, num_q_heads)
     meta = reference.token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens)
     # No program stores padding rows; their memory is uninitialised.
     out = jnp.where(meta.valid[:, None, None], out, jnp.zeros_like(out))

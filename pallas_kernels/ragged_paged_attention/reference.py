@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from pallas_kernels.ragged_paged_attention import validation
 
 # Finite so that fully-masked rows never produce inf - inf = NaN in the online softmax.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def cdiv(a, b):
+def cdiv(a: Any, b: int) -> Any:
+    """Ceiling division for Python ints and integer arrays alike."""
     return (a + b - 1) // b
 
 
@@ -72,7 +76,7 @@ def kv_slot_mapping(
     num_seqs: jax.Array,
     num_tokens: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """(page, slot) each token's new K/V goes to; page == num_pages for tokens that write nothing."""
+    """(page, slot) each token's K/V goes to; page == num_pages for tokens writing nothing."""
     num_pages, page_size = kv_pages_shape[0], kv_pages_shape[1]
     pages_per_seq = page_indices.shape[1]
     meta = token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens)
@@ -86,10 +90,27 @@ def kv_slot_mapping(
     return page, slot
 
 
-def interleave_kv(k: jax.Array, v: jax.Array, dtype) -> jax.Array:
+def interleave_kv(k: jax.Array, v: jax.Array, dtype: DTypeLike) -> jax.Array:
     """[T, Hkv, D] x2 -> [T, 2 * Hkv, D] with K of head h at 2h and V at 2h + 1."""
     t, h, d = k.shape
     return jnp.stack([k, v], axis=2).reshape(t, 2 * h, d).astype(dtype)
+
+
+def group_queries_by_kv_head(q: jax.Array, num_kv_heads: int, padded: int) -> jax.Array:
+    """[T, Hq, D] -> [Hkv, padded * G, D]: one kv head's query rows form one 2-D tile."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    q = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
+    q = q.reshape(padded, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    return q.reshape(num_kv_heads, padded * group, head_dim)
+
+
+def ungroup_queries(out: jax.Array, num_tokens: int, num_q_heads: int) -> jax.Array:
+    """Inverse of ``group_queries_by_kv_head``, dropping the padding tokens."""
+    num_kv_heads, rows, head_dim = out.shape
+    group = num_q_heads // num_kv_heads
+    out = out.reshape(num_kv_heads, rows // group, group, head_dim).transpose(1, 0, 2, 3)
+    return out.reshape(rows // group, num_q_heads, head_dim)[:num_tokens]
 
 
 @jax.jit
@@ -152,11 +173,16 @@ def build_work_list(
     return WorkList(pair_seq, pair_blk, blk_start.astype(jnp.int32), num_pairs)
 
 
-def default_block_q(num_tokens: int, max_seqs: int, q_per_kv: int) -> int:
-    """Query block for the reference: 1 for decode-shaped buckets, else ~16 query rows."""
+def default_block_sizes(num_tokens: int, max_seqs: int, q_per_kv: int) -> tuple[int, int]:
+    """(block_q, keys_per_block) for the reference on XLA:CPU.
+
+    Decode-shaped buckets: one token per pair and small key blocks (the gathered block stays
+    in cache). Otherwise ~64 query rows per pair: fewer pairs means fewer page gathers, and
+    64x64 dots are where XLA:CPU gets most of its FLOP/s (measured on 2 cores).
+    """
     if num_tokens <= max_seqs:
-        return 1
-    return max(1, min(32, 16 // q_per_kv))
+        return 1, 16
+    return max(1, 64 // q_per_kv), 64
 
 
 @functools.partial(
@@ -177,9 +203,16 @@ def ragged_paged_attention_reference(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     block_q: int | None = None,
-    keys_per_block: int = 256,
+    keys_per_block: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Reference ragged paged attention; same contract as ``dispatch.ragged_paged_attention``."""
+    """Reference ragged paged attention; same contract as ``dispatch.ragged_paged_attention``.
+
+    ``block_q`` (query tokens per pair) and ``keys_per_block`` (keys per loop step) only trade
+    speed; the defaults come from ``default_block_sizes``.
+    """
+    args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    validation.validate_static(*args, **options)  # trace time only
     kv_pages = write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     out = paged_attention_from_pages(
         q,
@@ -209,7 +242,7 @@ def paged_attention_from_pages(
     sliding_window: int | None,
     soft_cap: float | None,
     block_q: int | None,
-    keys_per_block: int,
+    keys_per_block: int | None,
 ) -> jax.Array:
     """Causal attention of the queries over pages that already hold the step's K/V."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -219,8 +252,22 @@ def paged_attention_from_pages(
     max_seqs, pages_per_seq = page_indices.shape
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
-    if block_q is None:
-        block_q = default_block_q(num_tokens, max_seqs, group)
+    default_q, default_keys = default_block_sizes(num_tokens, max_seqs, group)
+    block_q = block_q or default_q
+    keys_per_block = keys_per_block or default_keys
+    if keys_per_block < page_size and page_size % keys_per_block == 0:
+        # Big pages: view each as `split` contiguous sub-pages (a free reshape) so one loop
+        # step still gathers only keys_per_block slots and the working set stays in cache.
+        split = page_size // keys_per_block
+        kv_pages = kv_pages.reshape(num_pages * split, keys_per_block, num_combined, head_dim)
+        page_indices = (page_indices[:, :, None] * split + jnp.arange(split)).reshape(
+            max_seqs, pages_per_seq * split
+        )
+        num_pages, page_size, pages_per_seq = (
+            kv_pages.shape[0],
+            keys_per_block,
+            pages_per_seq * split,
+        )
     pages_per_block = max(1, min(pages_per_seq, keys_per_block // page_size))
     keys = pages_per_block * page_size
 
@@ -243,54 +290,66 @@ def paged_attention_from_pages(
     page_hi = jnp.minimum(qpos_hi // page_size, pages_per_seq - 1)
     n_blocks = jnp.where(pair_ok, cdiv(page_hi - page_lo + 1, pages_per_block), 0)
     n_iter = jnp.max(n_blocks)
+    first_page = page_indices[seq, jnp.clip(page_lo, 0, pages_per_seq - 1)]
 
-    # Per-pair query rows and their positions: [NP, Bq, Hkv, G, D], [NP, Bq].
+    # Per-pair query rows and their positions.
     pad = num_blocks * block_q - num_tokens
     q_blocks = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(
         num_blocks, block_q, num_kv_heads, group, head_dim
     )
-    qp = q_blocks[blk].astype(jnp.float32)
+    rows = block_q * group
+    # [NP, Hkv, Bq * G, D]: batch dims (pair, kv head) leading so the dots need no transposes.
+    qp = (
+        q_blocks[blk]
+        .astype(jnp.float32)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(-1, num_kv_heads, rows, head_dim)
+    )
     tok = first_tok[:, None] + jnp.arange(block_q)[None, :]
     row_ok = pair_ok[:, None] & (tok >= rows_lo[:, None]) & (tok < rows_hi[:, None])
     qpos = (kv_len - (q_end - q_start) - q_start)[:, None] + tok
+    row_ok = jnp.repeat(row_ok, group, axis=1)  # [NP, Bq * G], row r is token r // G
+    qpos = jnp.repeat(qpos, group, axis=1)
 
     num_p = qp.shape[0]
-    m0 = jnp.full((num_p, num_kv_heads, block_q, group), MASK_VALUE, jnp.float32)
+    m0 = jnp.full((num_p, num_kv_heads, rows), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros_like(m0)
-    acc0 = jnp.zeros((num_p, num_kv_heads, block_q, group, head_dim), jnp.float32)
+    acc0 = jnp.zeros((num_p, num_kv_heads, rows, head_dim), jnp.float32)
 
     def body(j, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         cols = page_lo[:, None] + j * pages_per_block + jnp.arange(pages_per_block)[None, :]
         col_ok = pair_ok[:, None] & (cols <= page_hi[:, None])
         ids = page_indices[seq[:, None], jnp.clip(cols, 0, pages_per_seq - 1)]
-        ids = jnp.where(col_ok, jnp.clip(ids, 0, num_pages - 1), 0)
+        # Columns past a pair's range re-read its first page (one its sequence owns) and are
+        # masked; clamping keeps a corrupt table from indexing outside the cache.
+        ids = jnp.clip(jnp.where(col_ok, ids, first_page[:, None]), 0, num_pages - 1)
+        # Gather only this block's pages of each pair: [NP, Hkv, 2, keys, D].
         blk_kv = kv_pages[ids].reshape(num_p, keys, num_kv_heads, 2, head_dim)
-        kb = blk_kv[:, :, :, 0, :].astype(jnp.float32)
-        vb = blk_kv[:, :, :, 1, :].astype(jnp.float32)
+        blk_kv = blk_kv.transpose(0, 2, 3, 1, 4).astype(jnp.float32)
         kpos = (cols[:, :, None] * page_size + jnp.arange(page_size)).reshape(num_p, keys)
         key_ok = jnp.repeat(col_ok, page_size, axis=1) & (kpos < kv_len[:, None])
         # Slots past kv_len may hold stale or NaN data; 0 * NaN would poison the sum.
-        vb = jnp.where(key_ok[:, :, None, None], vb, 0.0)
-        s = jnp.einsum("nrhgd,nkhd->nhrgk", qp, kb, preferred_element_type=jnp.float32)
-        s = s * sm_scale
+        vb = jnp.where(key_ok[:, None, :, None], blk_kv[:, :, 1], 0.0)
+        s = jnp.einsum("nhrd,nhkd->nhrk", qp, blk_kv[:, :, 0]) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = key_ok[:, None, :] & row_ok[:, :, None] & (kpos[:, None, :] <= qpos[:, :, None])
         if sliding_window is not None:
             mask = mask & (kpos[:, None, :] > qpos[:, :, None] - sliding_window)
-        mask = mask[:, None, :, None, :]  # [NP, 1, Bq, 1, K]
+        mask = mask[:, None]  # [NP, 1, Bq * G, K]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        l_new = alpha * l + p.sum(axis=-1)
-        pv = jnp.einsum("nhrgk,nkhd->nhrgd", p, vb, preferred_element_type=jnp.float32)
+        l_new = alpha * denom + p.sum(axis=-1)
+        pv = jnp.einsum("nhrk,nhkd->nhrd", p, vb)
         return m_new, l_new, alpha[..., None] * acc + pv
 
-    _, l, acc = jax.lax.fori_loop(0, n_iter, body, (m0, l0, acc0))
-    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # rows without keys are padding: 0
-    out = out.transpose(0, 2, 1, 3, 4).reshape(num_p, block_q, num_q_heads, head_dim)
+    _, denom, acc = jax.lax.fori_loop(0, n_iter, body, (m0, l0, acc0))
+    out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # rows without keys are padding: 0
+    out = out.reshape(num_p, num_kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(num_p, block_q, num_q_heads, head_dim)
     # Every valid token row is owned by exactly one pair; unused pairs go to a dropped block.
     dest = jnp.where(pair_ok, blk, num_blocks)
     merged = jnp.zeros((num_blocks, block_q, num_q_heads, head_dim), jnp.float32)

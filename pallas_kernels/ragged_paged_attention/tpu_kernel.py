@@ -36,8 +36,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.typing import DTypeLike
 
-from pallas_kernels.ragged_paged_attention import reference
+from pallas_kernels.ragged_paged_attention import reference, validation
 
 MASK_VALUE = reference.MASK_VALUE
 _LANES = 128
@@ -68,7 +69,7 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def _sublane_multiple(dtype) -> int:
+def _sublane_multiple(dtype: DTypeLike) -> int:
     # Packed dtypes tile 8 * (4 / itemsize) rows per vreg.
     return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
@@ -81,8 +82,8 @@ def vmem_footprint(
     group: int,
     head_dim: int,
     page_size: int,
-    q_dtype,
-    kv_dtype,
+    q_dtype: DTypeLike,
+    kv_dtype: DTypeLike,
 ) -> int:
     """Bytes of VMEM the kernel needs, with (sublane, lane) tile padding."""
     rows = block_q * group
@@ -120,8 +121,8 @@ def choose_block_sizes(
     head_dim: int,
     page_size: int,
     pages_per_seq: int,
-    q_dtype,
-    kv_dtype,
+    q_dtype: DTypeLike,
+    kv_dtype: DTypeLike,
     num_kv_pages_per_block: int | None = None,
     num_queries_per_block: int | None = None,
     num_kv_heads_per_block: int | None = None,
@@ -155,13 +156,12 @@ def choose_block_sizes(
     explicit = (num_kv_pages_per_block, num_queries_per_block, num_kv_heads_per_block)
 
     def footprint(p: int, q: int, h: int) -> int:
+        shape = dict(group=group, head_dim=head_dim, page_size=page_size)
         return vmem_footprint(
             block_q=q,
             pages_per_block=p,
             kv_heads_per_block=h,
-            group=group,
-            head_dim=head_dim,
-            page_size=page_size,
+            **shape,
             q_dtype=q_dtype,
             kv_dtype=kv_dtype,
         )
@@ -200,14 +200,13 @@ class _Pair(NamedTuple):
     qpos_hi: Any  # position of the pair's last token
     page_lo: Any  # first page-table column the pair needs
     page_hi: Any  # last page-table column the pair needs
-    kv_len: Any
     num_kv_blocks: Any
 
 
 def _kernel(
     # Scalar prefetch (SMEM).
     kv_lens_ref,
-    page_indices_ref,
+    page_indices_ref,  # [max_seqs * pages_per_seq], flat: 2-D SMEM arrays pad their rows
     cu_q_lens_ref,
     pair_seq_ref,
     blk_start_ref,
@@ -229,6 +228,7 @@ def _kernel(
     block_q: int,
     group: int,
     pages_per_block: int,
+    pages_per_seq: int,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
@@ -238,7 +238,6 @@ def _kernel(
     chans = 2 * num_heads_per_blk
     chan_start = heads_blk * chans
     num_pages, page_size = pages_ref.shape[0], pages_ref.shape[1]
-    pages_per_seq = page_indices_ref.shape[1]
     keys = pages_per_block * page_size
     first_tok = q_blk * block_q
     pair_lo = blk_start_ref[q_blk]
@@ -248,7 +247,7 @@ def _kernel(
         # Clamped so a corrupt table can never fault the DMA engine (validate_dynamic
         # reports such tables in debug mode).
         col = jnp.clip(col, 0, pages_per_seq - 1)
-        return jnp.clip(page_indices_ref[seq, col], 0, num_pages - 1)
+        return jnp.clip(page_indices_ref[seq * pages_per_seq + col], 0, num_pages - 1)
 
     def pair_info(p) -> _Pair:
         seq = pair_seq_ref[p]
@@ -265,18 +264,9 @@ def _kernel(
         else:
             page_lo = lax.div(jnp.maximum(qpos_lo - sliding_window + 1, 0), page_size)
         page_hi = lax.div(jnp.maximum(qpos_hi, 0), page_size)
-        n_blocks = lax.div(page_hi - page_lo + pages_per_block, pages_per_block)
-        return _Pair(
-            seq,
-            t_lo - first_tok,
-            t_hi - first_tok,
-            qpos_base,
-            qpos_hi,
-            page_lo,
-            page_hi,
-            kv_len,
-            jnp.maximum(n_blocks, 1),
-        )
+        n_blocks = jnp.maximum(lax.div(page_hi - page_lo + pages_per_block, pages_per_block), 1)
+        row_lo, row_hi = t_lo - first_tok, t_hi - first_tok
+        return _Pair(seq, row_lo, row_hi, qpos_base, qpos_hi, page_lo, page_hi, n_blocks)
 
     # 1. Cache write: one DMA per token of this block, all in flight, then all waited.
     def for_each_new_token(fn):
@@ -310,19 +300,20 @@ def _kernel(
             col = info.page_lo + kv_blk * pages_per_block + i
 
             @pl.when(col <= info.page_hi)
-            def _():
+            def _(col=col, i=i):
                 src = pages_ref.at[page_id(info.seq, col), :, pl.ds(chan_start, chans)]
                 dst = kv_buf.at[slot, pl.ds(i * page_size, page_size)]
                 fn(pltpu.make_async_copy(src, dst, read_sems.at[slot]))
 
     def compute(info: _Pair, kv_blk, slot):
         first_key = (info.page_lo + kv_blk * pages_per_block) * page_size
-        row = lax.div(lax.broadcasted_iota(jnp.int32, (rows, keys), 0), group)
-        kpos = first_key + lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
-        qpos = info.qpos_base + row
-        mask = (row >= info.row_lo) & (row < info.row_hi) & (kpos <= qpos)
+        # Row r is token r // group of the block. Conditions on floor(r / group) are written
+        # as conditions on r (x <= r // g  <=>  x * g <= r) to avoid vector integer division.
+        row = lax.broadcasted_iota(jnp.int32, (rows, keys), 0)
+        rel = first_key - info.qpos_base + lax.broadcasted_iota(jnp.int32, (rows, keys), 1)
+        mask = (row >= info.row_lo * group) & (row < info.row_hi * group) & (row >= rel * group)
         if sliding_window is not None:
-            mask = mask & (kpos > qpos - sliding_window)
+            mask = mask & (row < (rel + sliding_window) * group)
         # Keys past the pair's last query were not fetched (or are beyond kv_len): zero V so a
         # stale NaN cannot leak through 0 * NaN.
         v_ok = first_key + lax.broadcasted_iota(jnp.int32, (keys, head_dim), 0) <= info.qpos_hi
@@ -330,7 +321,7 @@ def _kernel(
             q = q_ref[h]
             k = kv_buf[slot, :, 2 * h, :]
             v = kv_buf[slot, :, 2 * h + 1, :]
-            v = jnp.where(v_ok, v, jnp.zeros_like(v))
+            v = jnp.where(v_ok, v.astype(jnp.float32), 0.0).astype(v.dtype)
             s = (
                 lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                 * sm_scale
@@ -379,12 +370,6 @@ def _kernel(
         o_ref[h] = (acc_ref[h] / denom).astype(o_ref.dtype)
 
 
-def _resolve_interpret(interpret):
-    if interpret is True:
-        return pltpu.InterpretParams()
-    return interpret or False
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -421,6 +406,9 @@ def ragged_paged_attention_tpu(
 
     ``interpret`` may be True or a ``pltpu.InterpretParams`` to run on CPU.
     """
+    args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    validation.validate_static(*args, **options)  # trace time only
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
     num_kv_heads = num_combined // 2
@@ -442,25 +430,16 @@ def ragged_paged_attention_tpu(
         num_kv_heads_per_block=num_kv_heads_per_block,
         vmem_limit_bytes=vmem_limit_bytes,
     )
-    bq, bp, hb = (
-        sizes.num_queries_per_block,
-        sizes.num_kv_pages_per_block,
-        sizes.num_kv_heads_per_block,
-    )
+    bp, bq, hb = sizes[:3]
     num_blocks = reference.cdiv(num_tokens, bq)
     padded = num_blocks * bq
     work = reference.build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
     # Unused entries are never visited; 0 keeps them in range for SMEM reads anyway.
     pair_seq = jnp.maximum(work.pair_seq, 0)
 
-    pad = padded - num_tokens
-    q_heads = (
-        jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
-        .reshape(padded, num_kv_heads, group, head_dim)
-        .transpose(1, 0, 2, 3)
-        .reshape(num_kv_heads, padded * group, head_dim)
-    )
-    new_kv = jnp.pad(reference.interleave_kv(k, v, kv_pages.dtype), ((0, pad), (0, 0), (0, 0)))
+    q_heads = reference.group_queries_by_kv_head(q, num_kv_heads, padded)
+    new_kv = reference.interleave_kv(k, v, kv_pages.dtype)
+    new_kv = jnp.pad(new_kv, ((0, padded - num_tokens), (0, 0), (0, 0)))
     rows = bq * group
 
     kernel = functools.partial(
@@ -468,6 +447,7 @@ def ragged_paged_attention_tpu(
         block_q=bq,
         group=group,
         pages_per_block=bp,
+        pages_per_seq=pages_per_seq,
         sm_scale=float(sm_scale),
         sliding_window=sliding_window,
         soft_cap=soft_cap,
@@ -491,6 +471,7 @@ def ragged_paged_attention_tpu(
             pltpu.VMEM((hb, rows, head_dim), jnp.float32),
         ],
     )
+    scalars = (kv_lens, page_indices.reshape(-1), cu_q_lens, pair_seq, work.blk_start)
     out, kv_pages = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -506,8 +487,7 @@ def ragged_paged_attention_tpu(
             dimension_semantics=("parallel", "arbitrary"),
             vmem_limit_bytes=sizes.vmem_limit_bytes,
         ),
-        interpret=_resolve_interpret(interpret),
+        interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="meshserve_ragged_paged_attention",
-    )(kv_lens, page_indices, cu_q_lens, pair_seq, work.blk_start, q_heads, new_kv, kv_pages)
-    out = out.reshape(num_kv_heads, padded, group, head_dim).transpose(1, 0, 2, 3)
-    return out.reshape(padded, num_q_heads, head_dim)[:num_tokens], kv_pages
+    )(*scalars, q_heads, new_kv, kv_pages)
+    return reference.ungroup_queries(out, num_tokens, num_q_heads), kv_pages

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -20,14 +21,14 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def validate_static(
-    q,
-    k,
-    v,
-    kv_pages,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
     *,
     sm_scale: float | None = None,
     sliding_window: int | None = None,
@@ -101,10 +102,10 @@ def validate_static(
 def validate_dynamic(
     kv_pages_shape: Sequence[int],
     num_tokens: int,
-    kv_lens,
-    page_indices,
-    cu_q_lens,
-    num_seqs,
+    kv_lens: ArrayLike,
+    page_indices: ArrayLike,
+    cu_q_lens: ArrayLike,
+    num_seqs: ArrayLike,
 ) -> None:
     """Host-side checks of the runtime metadata; raises ValueError naming the first violation."""
     num_pages, page_size = int(kv_pages_shape[0]), int(kv_pages_shape[1])
@@ -195,12 +196,14 @@ def random_ragged_batch(
     max_seqs: int | None = None,
     pages_per_seq: int | None = None,
     extra_pages: int = 4,
-    dtype=jnp.float32,
+    num_pages: int | None = None,
+    dtype: DTypeLike = jnp.float32,
     nan_fill: bool = True,
     seed: int = 0,
 ) -> RaggedBatch:
     """Builds a valid batch from (q_len, kv_len) per sequence.
 
+    ``num_pages`` fixes the cache size (default: what the batch needs plus ``extra_pages``).
     With ``nan_fill`` every value the kernel must not read is NaN: unused pages, slots past
     kv_len, the slots this step is about to write, padding tokens' q/k/v, and unused page-table
     entries point at NaN pages. Any stray read then shows up as NaN in the output.
@@ -219,7 +222,10 @@ def random_ragged_batch(
     pages_per_seq = max(max(need, default=1), 1) if pages_per_seq is None else pages_per_seq
     if total > num_tokens or n > max_seqs or max(need, default=0) > pages_per_seq:
         raise ValueError("batch does not fit the requested bucket")
-    num_pages = sum(need) + extra_pages
+    if num_pages is None:
+        num_pages = sum(need) + extra_pages
+    elif num_pages < sum(need):
+        raise ValueError(f"num_pages={num_pages} < {sum(need)} pages the batch needs")
     perm = rng.permutation(num_pages)
     spare = perm[sum(need) :]  # never referenced by a valid sequence
     fill = np.nan if nan_fill else 0.0

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for meshserve.v1 (regenerate with serving/proto/generate.sh)."""

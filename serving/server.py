@@ -1,0 +1,238 @@
+"""Assembling and running the gRPC server: ports, TLS, auth, health, reflection, metrics,
+warm-up, and graceful shutdown on SIGTERM/SIGINT.
+
+Shutdown: readiness ("meshserve.v1.MeshServe") turns NOT_SERVING and new Generate calls
+get UNAVAILABLE while liveness ("") and in-flight streams carry on; after the grace
+period whatever is still running is aborted (its stream ends with finish_reason
+"abort"), the port closes and the engines stop. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from serving import logs
+from serving.auth import BearerTokenInterceptor
+from serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
+from serving.proto import meshserve_pb2_grpc as pb_grpc
+from serving.requests import ModelLimits
+from serving.service import SERVICE_NAME, MeshServeService
+from serving.slices import ModelInfo, Router, Slice
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (see MeshServeServer.port)
+    # Requests larger than this get INVALID_ARGUMENT from the service; grpc itself
+    # refuses messages over twice this with RESOURCE_EXHAUSTED before parsing them.
+    max_request_bytes: int = 1 << 20
+    grace_period: float = 30.0
+    auth_token: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None  # set: clients must present a cert it signed (mTLS)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    tensorboard_dir: str | None = None
+    tensorboard_interval: float = 10.0
+    # Concurrent RPCs of all kinds; grpc answers RESOURCE_EXHAUSTED above it. The
+    # engines' waiting queues refuse work long before this in normal operation.
+    max_concurrent_rpcs: int = 4096
+    default_max_tokens: int = 256
+
+    def check(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.max_request_bytes < 1024:
+            raise ValueError("--max-request-bytes must be at least 1024")
+        if self.grace_period < 0:
+            raise ValueError("--grace-period must be >= 0")
+        if self.default_max_tokens < 1:
+            raise ValueError("--default-max-tokens must be >= 1")
+
+
+class MeshServeServer:
+    def __init__(self, slices: list[Slice], tokenizer, model: ModelInfo, options: ServerOptions):
+        options.check()
+        self.options = options
+        self.slices = slices
+        self.router = Router(slices)
+        engine = slices[0].engine
+        limits = ModelLimits(
+            vocab_size=engine.vocab_size,
+            max_model_len=engine.max_model_len,
+            max_logprobs=engine.config.max_logprobs,
+            max_request_bytes=options.max_request_bytes,
+            default_max_tokens=options.default_max_tokens,
+        )
+        self.metrics = ServingMetrics(slices)
+        self.service = MeshServeService(self.router, tokenizer, limits, model, self.metrics)
+        self.health = None
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._prometheus = None
+        self._tensorboard: TensorBoardWriter | None = None
+        self._stopped: asyncio.Event | None = None
+        self._skip_grace: asyncio.Event | None = None
+        self._monitor: asyncio.Task | None = None
+        self._stopping = False
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        o = self.options
+        self._stopped = asyncio.Event()
+        self._skip_grace = asyncio.Event()
+        interceptors = []
+        if o.auth_token is not None:
+            interceptors.append(BearerTokenInterceptor(
+                o.auth_token, on_reject=lambda _m: self.metrics.reject("unauthenticated")))
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=o.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", 2 * o.max_request_bytes),
+                # Without this Linux lets a second server bind the same port silently.
+                ("grpc.so_reuseport", 0),
+                # Ping idle connections so a vanished client's stream is cancelled (and
+                # its request aborted) instead of generating into the void.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+            ],
+        )
+        pb_grpc.add_MeshServeServicer_to_server(self.service, self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self.health.set("", SERVING)
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.server,
+        )
+        host = f"[{o.host}]" if ":" in o.host and not o.host.startswith("[") else o.host
+        address = f"{host}:{o.port}"
+        if o.tls_cert is not None:
+            creds = grpc.ssl_server_credentials(
+                [(o.tls_key, o.tls_cert)], root_certificates=o.tls_client_ca,
+                require_client_auth=o.tls_client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"could not bind {address}")
+        if o.host not in LOOPBACK and (o.tls_cert is None or o.auth_token is None):
+            logs.event("insecure_bind", logging.WARNING, host=o.host,
+                       message="listening beyond loopback without TLS and auth")
+        if o.metrics_port is not None:
+            self._prometheus = start_prometheus(self.metrics, o.metrics_port, o.metrics_host)
+        if o.tensorboard_dir:
+            self._tensorboard = TensorBoardWriter(self.metrics, o.tensorboard_dir,
+                                                  o.tensorboard_interval)
+            self._tensorboard.start()
+        await self.server.start()
+        logs.event("server_started", host=o.host, port=self.port, tls=o.tls_cert is not None,
+                   mtls=o.tls_client_ca is not None, auth=o.auth_token is not None,
+                   slices=len(self.slices), layouts=[s.layout for s in self.slices],
+                   metrics_port=o.metrics_port)
+        self._monitor = asyncio.create_task(self._watch_health())
+        return self.port
+
+    async def _readiness(self) -> None:
+        ready = not self.service.draining and bool(self.router.healthy())
+        await self.health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
+
+    async def _watch_health(self) -> None:
+        """Keep readiness in step with the slices: NOT_SERVING once none is healthy."""
+        known = None
+        while not self.service.draining:
+            healthy = tuple(s.index for s in self.slices if s.healthy)
+            if healthy != known:
+                if known is not None:
+                    logs.event("slices_changed", logging.WARNING, healthy=list(healthy),
+                               errors={s.index: str(getattr(s.engine, "error", None))
+                                       for s in self.slices if not s.healthy})
+                known = healthy
+                await self._readiness()
+            await asyncio.sleep(0.5)
+
+    async def drain(self) -> None:
+        """Refuse new Generate calls (UNAVAILABLE) and report readiness NOT_SERVING;
+        running streams carry on."""
+        self.service.draining = True
+        await self._readiness()
+
+    async def stop(self, grace: float | None = None, shutdown_engines: bool = True) -> None:
+        """Drain and stop (idempotent): see the module docstring. shutdown_engines=False
+        leaves the engines running for another server (tests share them)."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.options.grace_period if grace is None else grace
+        await self.drain()
+        loop = asyncio.get_running_loop()
+        logs.event("draining", inflight=len(self.service.inflight), grace_period_s=grace)
+        deadline = loop.time() + grace
+        while self.service.inflight and loop.time() < deadline and not self._skip_grace.is_set():
+            await asyncio.sleep(0.05)
+        left = list(self.service.inflight.values())
+        for stream in left:
+            stream.slice.engine.abort(stream.prepared.request_id)
+        # Let the aborted streams send their final chunk before the port closes.
+        deadline = loop.time() + 2.0
+        while self.service.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=1.0)
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if shutdown_engines:
+            await asyncio.gather(*(asyncio.to_thread(s.engine.shutdown, timeout=10.0)
+                                   for s in self.slices))
+        if self._prometheus is not None:
+            self._prometheus.shutdown()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        logs.event("server_stopped", aborted_on_shutdown=len(left))
+        self._stopped.set()
+
+    async def run_until_signal(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then drain and stop."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if got.is_set():
+                logs.event("signal_again", signal=signal.Signals(signum).name,
+                           message="skipping the rest of the grace period")
+                self._skip_grace.set()
+                return
+            logs.event("signal", signal=signal.Signals(signum).name)
+            got.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await got.wait()
+            await self.stop()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+

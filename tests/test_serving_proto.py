@@ -1,0 +1,44 @@
+"""The committed gRPC stubs are exactly what serving/proto/generate.sh produces, and
+import under the installed protobuf/grpcio runtimes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.serving_fixtures import REPO
+
+STUBS = ("meshserve_pb2.py", "meshserve_pb2.pyi", "meshserve_pb2_grpc.py")
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools")
+    proto = os.path.join("serving", "proto", "meshserve.proto")
+    os.makedirs(tmp_path / "serving" / "proto")
+    shutil.copy(os.path.join(REPO, proto), tmp_path / proto)
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
+         "--grpc_python_out=.", proto], cwd=tmp_path, check=True, capture_output=True)
+    for name in STUBS:
+        fresh = (tmp_path / "serving" / "proto" / name).read_text()
+        with open(os.path.join(REPO, "serving", "proto", name)) as f:
+            assert f.read() == fresh, f"{name} is stale: run serving/proto/generate.sh"
+
+
+def test_stubs_import_and_describe_the_service():
+    from serving.proto import meshserve_pb2 as pb
+    from serving.proto import meshserve_pb2_grpc  # noqa: F401 - the grpcio version check
+
+    service = pb.DESCRIPTOR.services_by_name["MeshServe"]
+    assert service.full_name == "meshserve.v1.MeshServe"
+    assert {m.name for m in service.methods} == {
+        "Generate", "Tokenize", "Detokenize", "GetServerInfo"}
+    assert service.methods_by_name["Generate"].server_streaming
+    fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
+    for name in ("temperature", "top_p", "seed", "max_tokens", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "logprobs", "prompt"):
+        assert fields[name].has_presence, name  # unset differs from zero

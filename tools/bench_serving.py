@@ -1,0 +1,250 @@
+"""`meshserve bench-serving`: a load generator for a running `meshserve serve`.
+
+Follows vLLM's `bench serve` conventions: synthetic random-token prompts whose lengths
+are drawn uniformly from [len * (1 - range_ratio), len * (1 + range_ratio)], arrivals
+from a Poisson process at --request-rate (gamma with --burstiness != 1; inf = all at
+once), optionally capped at --max-concurrency in flight; reports TTFT, TPOT (time per
+output token after the first), ITL (inter-token latency) and E2E latency (mean, p50,
+p90, p99, in ms), request and token throughput, and goodput: requests per second that
+met every --slo target. Outputs are forced to their exact length with ignore_eos.
+
+Loopback targets only, a bounded number of requests and a bounded duration: it is a
+benchmark, not a load-testing tool for other people's servers.
+
+    meshserve bench-serving --target 127.0.0.1:50051 --num-prompts 200 \
+        --request-rate 8 --input-len 256 --output-len 64 --slo ttft_ms=500,tpot_ms=50 \
+        --out bench.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import numpy as np
+from absl import flags
+
+MAX_PROMPTS = 100_000
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
+
+
+def define_flags() -> None:
+    d = flags
+    d.DEFINE_string("target", "127.0.0.1:50051", "HOST:PORT of the server (loopback only).")
+    d.DEFINE_integer("num_prompts", 100, "Requests to send.", lower_bound=1,
+                     upper_bound=MAX_PROMPTS)
+    d.DEFINE_float("request_rate", math.inf, "Mean arrivals per second (inf: all at once).")
+    d.DEFINE_float("burstiness", 1.0, "Gamma shape of inter-arrival times (1 = Poisson).")
+    d.DEFINE_integer("max_concurrency", None, "Most requests in flight at once.")
+    d.DEFINE_integer("input_len", 128, "Mean prompt length in tokens.", lower_bound=1)
+    d.DEFINE_integer("output_len", 64, "Mean output length in tokens.", lower_bound=1)
+    d.DEFINE_float("range_ratio", 0.0, "Lengths vary uniformly by this fraction.",
+                   lower_bound=0.0, upper_bound=1.0)
+    d.DEFINE_string("slo", None, "Goodput targets, e.g. ttft_ms=500,tpot_ms=50 (also e2e_ms).")
+    d.DEFINE_integer("seed", 0, "Seed for prompts and arrivals.")
+    d.DEFINE_float("max_duration", 600.0, "Stop sending and cancel what runs after this many "
+                   "seconds.", lower_bound=1.0, upper_bound=86400.0)
+    d.DEFINE_float("request_timeout", 300.0, "Deadline of each request in seconds.")
+    d.DEFINE_string("out", None, "Write the results as JSON here.")
+    d.DEFINE_string("auth_token_file", None, "Bearer token file.")
+    d.DEFINE_string("tls_ca", None, "Use TLS, trusting this CA (PEM).")
+
+
+def parse_slo(text: str | None) -> dict[str, float]:
+    slo: dict[str, float] = {}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in SLO_KEYS:
+            raise ValueError(f"--slo terms are KEY=MS with KEY one of {SLO_KEYS}, got {part!r}")
+        slo[key.strip()] = float(value)
+    return slo
+
+
+def check_loopback(target: str) -> None:
+    host = target.rsplit(":", 1)[0]
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(f"--target must be a loopback address ({', '.join(LOOPBACK_HOSTS)}), "
+                         f"got {host!r}")
+
+
+def lengths(rng: np.random.Generator, mean: int, ratio: float, n: int) -> np.ndarray:
+    lo, hi = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
+    return rng.integers(lo, hi + 1, size=n)
+
+
+def arrival_times(rng: np.random.Generator, n: int, rate: float, burstiness: float) -> np.ndarray:
+    if math.isinf(rate):
+        return np.zeros(n)
+    # Gamma(shape=k, scale=1/(k*rate)) has mean 1/rate; k=1 is exponential (Poisson).
+    gaps = rng.gamma(burstiness, 1.0 / (burstiness * rate), size=n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+@dataclasses.dataclass
+class Result:
+    input_len: int
+    output_len: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
+    a = np.asarray(values) * 1e3
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
+
+
+def summarize(results: list[Result], duration: float, slo: dict[str, float]) -> dict:
+    ok = [r for r in results if r.error is None]
+    tpots = [(r.e2e - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    good = 0
+    for r in ok:
+        measured = {"ttft_ms": r.ttft * 1e3, "e2e_ms": r.e2e * 1e3,
+                    "tpot_ms": (r.e2e - r.ttft) / max(r.output_len - 1, 1) * 1e3}
+        good += all(measured[k] <= v for k, v in slo.items())
+    inputs, outputs = sum(r.input_len for r in ok), sum(r.output_len for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    return {
+        "completed": len(ok), "failed": len(results) - len(ok), "errors": errors,
+        "duration_s": duration, "total_input_tokens": inputs, "total_output_tokens": outputs,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": outputs / duration,
+        "total_token_throughput": (inputs + outputs) / duration,
+        "goodput": good / duration if slo else None, "slo": slo,
+        "ttft_ms": _stats([r.ttft for r in ok]), "tpot_ms": _stats(tpots),
+        "itl_ms": _stats([x for r in ok for x in r.itl]), "e2e_ms": _stats([r.e2e for r in ok]),
+    }
+
+
+async def _one(stub, pb, prompt: list[int], out_len: int, metadata, timeout: float) -> Result:
+    import grpc
+
+    result = Result(input_len=len(prompt))
+    request = pb.GenerateRequest(token_ids=prompt, max_tokens=out_len, ignore_eos=True)
+    start = last = time.perf_counter()
+    try:
+        async for response in stub.Generate(request, metadata=metadata, timeout=timeout):
+            n = len(response.token_ids)
+            if not n:
+                continue
+            now = time.perf_counter()
+            if result.ttft is None:
+                result.ttft = now - start
+            else:
+                result.itl.extend([(now - last) / n] * n)
+            last = now
+            result.output_len += n
+        result.e2e = time.perf_counter() - start
+        if result.ttft is None:
+            result.error = "no tokens"
+    except grpc.aio.AioRpcError as e:
+        result.error = e.code().name
+    return result
+
+
+async def run(target: str, num_prompts: int, request_rate: float, burstiness: float,
+              max_concurrency: int | None, input_len: int, output_len: int, range_ratio: float,
+              slo: dict[str, float], seed: int = 0, max_duration: float = 600.0,
+              request_timeout: float = 300.0, token: str | None = None,
+              tls_ca: str | None = None) -> dict:
+    import grpc
+
+    from serving.client import auth_metadata, channel_credentials, channel_options
+    from serving.proto import meshserve_pb2 as pb
+    from serving.proto import meshserve_pb2_grpc as pb_grpc
+
+    check_loopback(target)
+    metadata = auth_metadata(token)
+    if tls_ca:
+        channel = grpc.aio.secure_channel(target, channel_credentials(tls_ca), channel_options())
+    else:
+        channel = grpc.aio.insecure_channel(target, options=channel_options())
+    async with channel:
+        stub = pb_grpc.MeshServeStub(channel)
+        info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata, timeout=30)
+        rng = np.random.default_rng(seed)
+        ins = lengths(rng, input_len, range_ratio, num_prompts)
+        outs = lengths(rng, output_len, range_ratio, num_prompts)
+        over = int((ins + outs).max()) - info.max_model_len
+        if over > 0:
+            raise ValueError(f"input + output lengths reach {info.max_model_len + over} tokens; "
+                             f"the server's max_model_len is {info.max_model_len}")
+        # Ids 3.. skip the usual unk/bos/eos; random tokens defeat prefix caching.
+        low = min(3, info.vocab_size - 1)
+        prompts = [rng.integers(low, info.vocab_size, size=int(n)).tolist() for n in ins]
+        starts = arrival_times(rng, num_prompts, request_rate, burstiness)
+        limit = asyncio.Semaphore(max_concurrency or num_prompts)
+        t0 = time.perf_counter()
+
+        async def scheduled(i: int) -> Result:
+            await asyncio.sleep(max(0.0, starts[i] - (time.perf_counter() - t0)))
+            async with limit:
+                return await _one(stub, pb, prompts[i], int(outs[i]), metadata, request_timeout)
+
+        tasks = [asyncio.create_task(scheduled(i)) for i in range(num_prompts)]
+        done, pending = await asyncio.wait(tasks, timeout=max_duration)
+        for t in pending:
+            t.cancel()
+        results = [t.result() if t in done else Result(len(prompts[i]), error="max_duration")
+                   for i, t in enumerate(tasks)]
+        duration = time.perf_counter() - t0
+    summary = summarize(results, duration, slo)
+    summary.update(target=target, model=info.model_name, num_prompts=num_prompts,
+                   request_rate=request_rate, burstiness=burstiness,
+                   max_concurrency=max_concurrency, input_len=input_len,
+                   output_len=output_len, range_ratio=range_ratio, seed=seed)
+    return summary
+
+
+def describe(s: dict) -> str:
+    lines = [f"{'completed / failed':<28}{s['completed']} / {s['failed']} {s['errors'] or ''}",
+             f"{'duration (s)':<28}{s['duration_s']:.2f}",
+             f"{'request throughput (req/s)':<28}{s['request_throughput']:.2f}",
+             f"{'output throughput (tok/s)':<28}{s['output_throughput']:.1f}",
+             f"{'total throughput (tok/s)':<28}{s['total_token_throughput']:.1f}"]
+    if s["goodput"] is not None:
+        lines.append(f"{'goodput (req/s)':<28}{s['goodput']:.2f}  slo={s['slo']}")
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        v = s[key]
+        lines.append(f"{key:<28}mean {v['mean']:.2f}  p50 {v['p50']:.2f}  "
+                     f"p90 {v['p90']:.2f}  p99 {v['p99']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from serving.client import read_token
+
+    f = flags.FLAGS
+    if f.request_rate <= 0 or f.burstiness <= 0:
+        raise ValueError("--request-rate and --burstiness must be > 0")
+    if f.max_concurrency is not None and f.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be >= 1")
+    summary = asyncio.run(run(
+        f.target, f.num_prompts, f.request_rate, f.burstiness, f.max_concurrency, f.input_len,
+        f.output_len, f.range_ratio, parse_slo(f.slo), f.seed, f.max_duration,
+        f.request_timeout, read_token(f.auth_token_file), f.tls_ca))
+    print(describe(summary))
+    if f.out:
+        with open(f.out, "w") as out:
+            json.dump(summary, out, indent=1)
+    return 0 if summary["completed"] else 1
+
+
+if __name__ == "__main__":
+    from tools.cli import main as cli_main
+
+    cli_main([sys.argv[0], "bench-serving", *sys.argv[1:]])

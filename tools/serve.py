@@ -1,0 +1,95 @@
+"""`meshserve serve`: the gRPC server (flags here; everything else lives in serving/)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tools.model_flags import checkpoint_dir, define_model_flags
+
+
+def define_flags() -> None:
+    define_model_flags()
+    d = flags
+    d.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default).")
+    d.DEFINE_integer("port", 50051, "gRPC port (0 picks a free one).", lower_bound=0)
+    d.DEFINE_integer("slices", 1, "Independent replicas: the devices are split into this many "
+                     "equal groups, each with its own --mesh, engine and batch.", lower_bound=1)
+    # Engine (per slice; limits are per data shard).
+    d.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
+    d.DEFINE_integer("num_pages", None, "KV pages per data shard (default: from memory).")
+    d.DEFINE_integer("max_seqs", 64, "Sequences in a batch.", lower_bound=1)
+    d.DEFINE_integer("max_step_tokens", 512, "Tokens per step.", lower_bound=1)
+    d.DEFINE_integer("max_model_len", None, "Prompt + output limit (default: the model's).")
+    d.DEFINE_integer("decode_steps", 8, "Decode iterations per device call.", lower_bound=1)
+    d.DEFINE_integer("max_logprobs", 8, "Most top logprobs a request may ask for.",
+                     lower_bound=0)
+    d.DEFINE_integer("max_waiting_requests", 1024, "Queued requests per slice before "
+                     "RESOURCE_EXHAUSTED.", lower_bound=1)
+    d.DEFINE_integer("max_waiting_tokens", 1 << 20, "Queued prompt tokens per slice before "
+                     "RESOURCE_EXHAUSTED.", lower_bound=1)
+    d.DEFINE_integer("min_token_bucket", 16, "Smallest step-token bucket (fewer compiled "
+                     "shapes for more padding).", lower_bound=1)
+    d.DEFINE_integer("min_seq_bucket", 1, "Smallest batch bucket.", lower_bound=1)
+    d.DEFINE_bool("warmup", True, "Compile every shape bucket before serving.")
+    # Server.
+    d.DEFINE_integer("max_request_bytes", 1 << 20, "Largest request (INVALID_ARGUMENT above "
+                     "it; grpc answers RESOURCE_EXHAUSTED above twice it).", lower_bound=1024)
+    d.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request leaves it unset.",
+                     lower_bound=1)
+    d.DEFINE_integer("max_concurrent_rpcs", 4096, "Concurrent RPCs of all kinds.",
+                     lower_bound=1)
+    d.DEFINE_float("grace_period", 30.0, "Seconds in-flight requests get after SIGTERM.",
+                   lower_bound=0.0)
+    d.DEFINE_string("auth_token_file", None, "Require `authorization: Bearer <token>` with "
+                    "the token in this file (health checks are exempt).")
+    d.DEFINE_string("tls_cert", None, "Server certificate chain (PEM) for TLS.")
+    d.DEFINE_string("tls_key", None, "Server private key (PEM) for TLS.")
+    d.DEFINE_string("tls_client_ca", None, "CA (PEM) that client certificates must chain to "
+                    "(mutual TLS).")
+    d.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on 127.0.0.1:PORT.")
+    d.DEFINE_string("tensorboard_dir", None, "Write serving scalars as TensorBoard events.")
+    d.DEFINE_float("tensorboard_interval", 10.0, "Seconds between TensorBoard writes.",
+                   lower_bound=0.1)
+    d.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
+                  "Serving log level (JSON lines on stderr).")
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from engine.engine import EngineConfig
+    from meshes import default_compute_dtype
+    from serving import launch, logs
+    from serving.auth import read_token_file
+    from serving.server import ServerOptions
+
+    f = flags.FLAGS
+    logs.configure(f.log_level)
+    options = ServerOptions(
+        host=f.host, port=f.port, max_request_bytes=f.max_request_bytes,
+        grace_period=f.grace_period,
+        auth_token=read_token_file(f.auth_token_file) if f.auth_token_file else None,
+        tls_cert=_read(f.tls_cert), tls_key=_read(f.tls_key),
+        tls_client_ca=_read(f.tls_client_ca), metrics_port=f.metrics_port,
+        tensorboard_dir=f.tensorboard_dir, tensorboard_interval=f.tensorboard_interval,
+        max_concurrent_rpcs=f.max_concurrent_rpcs, default_max_tokens=f.default_max_tokens,
+    )
+    options.check()  # before the (slow) model load
+    engine_config = EngineConfig(
+        page_size=f.page_size, num_pages=f.num_pages, max_seqs=f.max_seqs,
+        max_step_tokens=f.max_step_tokens, max_model_len=f.max_model_len,
+        decode_steps=f.decode_steps, max_logprobs=f.max_logprobs,
+        max_waiting_requests=f.max_waiting_requests, max_waiting_tokens=f.max_waiting_tokens,
+        min_token_bucket=f.min_token_bucket, min_seq_bucket=f.min_seq_bucket,
+    )
+    dtype = f.dtype or default_compute_dtype()
+    with checkpoint_dir() as ckpt:
+        model = launch.load(ckpt, f.mesh, f.slices, dtype, engine_config,
+                            source=f.hf or f.checkpoint, warmup=f.warmup)
+    return launch.serve(model, options)
