@@ -25,6 +25,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None
     kv_memory_fraction: float = 0.9
+    device_memory_bytes: int | None = None  # planner capacity; None: what the device reports
     max_kv_memory_bytes: int | None = 4 << 30
     max_seqs: int = 64
     max_step_tokens: int = 512

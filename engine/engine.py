@@ -55,7 +55,8 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
         * jnp.dtype(model.dtype).itemsize
     ) // model.rules.axis_size("kv_heads")
     plan = memory_plan(
-        model.source_config, model.rules.mesh, model.dtype, 0, max_step_tokens=cfg.max_step_tokens
+        model.source_config, model.rules.mesh, model.dtype, 0,
+        max_step_tokens=cfg.max_step_tokens, capacity_bytes=cfg.device_memory_bytes,
     )
     budget = (
         plan.capacity_bytes - plan.weights_bytes - plan.reserve_bytes

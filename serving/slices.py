@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from engine.engine import Engine, EngineConfig, EngineDeadError, EngineOverloadedError
 from engine.outputs import EngineStats
 from engine.sampling_params import SamplingParams
+from serving import logs
 
 
 class NoHealthySliceError(Exception):
@@ -82,7 +83,8 @@ def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
     import jax.numpy as jnp
 
     from meshes import parse_layout, split_slices
-    from models.loading import load_checkpoint
+    from models.checkpoint import checkpoint_config
+    from models.loading import load_checkpoint, memory_plan
 
     layout = parse_layout(layout_text)
     if layout.slices != 1 and layout.slices != num_slices:
@@ -90,9 +92,18 @@ def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
             f"--mesh says slices={layout.slices} but --slices is {num_slices}; give one"
         )
     layout = dataclasses.replace(layout, slices=max(num_slices, layout.slices))
+    meshes = split_slices(layout)
+    # Refuse a layout that cannot hold the weights plus one full-length sequence before
+    # anything is loaded.
+    cfg = checkpoint_config(ckpt_dir)
+    max_len = engine_config.max_model_len or cfg.max_position_embeddings
+    plan = memory_plan(cfg, meshes[0], jnp.dtype(dtype), max_len,
+                       max_step_tokens=engine_config.max_step_tokens,
+                       capacity_bytes=engine_config.device_memory_bytes).check()
+    logs.event("memory_plan", detail=plan.describe())
     slices: list[Slice] = []
     try:
-        for index, mesh in enumerate(split_slices(layout)):
+        for index, mesh in enumerate(meshes):
             model = load_checkpoint(ckpt_dir, mesh, jnp.dtype(dtype))
             engine = Engine(model, engine_config, tokenizer)
             if warmup:

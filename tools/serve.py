@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tools.model_flags import checkpoint_dir, define_model_flags
+from tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
 
 
 def define_flags() -> None:
@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
         decode_steps=f.decode_steps, max_logprobs=f.max_logprobs,
         max_waiting_requests=f.max_waiting_requests, max_waiting_tokens=f.max_waiting_tokens,
         min_token_bucket=f.min_token_bucket, min_seq_bucket=f.min_seq_bucket,
+        device_memory_bytes=capacity_bytes(),
     )
     dtype = f.dtype or default_compute_dtype()
     with checkpoint_dir() as ckpt:
