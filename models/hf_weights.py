@@ -7,7 +7,6 @@ logical axis is its own dimension and can be sharded by name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import numpy as np
 
@@ -22,25 +21,12 @@ class WeightMapping:
     hf_name: str
     path: str  # our dotted parameter path, e.g. "layers.3.attn.q_proj"
     hf_shape: tuple[int, ...]
-    transform: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...]  # ours: the (transposed) tensor reshaped to split heads out
+    transpose: bool = False  # HF linear weights are [out, in]
 
-
-def _linear_in_heads(heads: int, dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    # [heads*dim, embed] → [embed, heads, dim]
-    return lambda w: w.T.reshape(w.shape[1], heads, dim)
-
-
-def _linear_out_heads(heads: int, dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    # [embed, heads*dim] → [heads, dim, embed]
-    return lambda w: w.T.reshape(heads, dim, w.shape[0])
-
-
-def _identity(w: np.ndarray) -> np.ndarray:
-    return w
-
-
-def _transpose(w: np.ndarray) -> np.ndarray:
-    return w.T
+    def convert(self, tensor: np.ndarray) -> np.ndarray:
+        """For tensors already in memory (tests, tools); the converter streams instead."""
+        return (tensor.T if self.transpose else tensor).reshape(self.shape)
 
 
 def layer_item(layer: int) -> str:
@@ -58,73 +44,35 @@ def item_of(path: str) -> str:
 def weight_mappings(cfg: ModelConfig) -> list[WeightMapping]:
     e, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    out = [WeightMapping("model.embed_tokens.weight", "embed", (v, e), _identity)]
+    W = WeightMapping
+    out = [W("model.embed_tokens.weight", "embed", (v, e), (v, e))]
     for n in range(cfg.num_layers):
         hf, ours = f"model.layers.{n}", f"layers.{n}"
+        att, mlp = f"{hf}.self_attn", f"{hf}.mlp"
         out += [
-            WeightMapping(
-                f"{hf}.input_layernorm.weight", f"{ours}.input_norm.weight", (e,), _identity
-            ),
-            WeightMapping(
-                f"{hf}.self_attn.q_proj.weight",
-                f"{ours}.attn.q_proj",
-                (h * d, e),
-                _linear_in_heads(h, d),
-            ),
-            WeightMapping(
-                f"{hf}.self_attn.k_proj.weight",
-                f"{ours}.attn.k_proj",
-                (k * d, e),
-                _linear_in_heads(k, d),
-            ),
-            WeightMapping(
-                f"{hf}.self_attn.v_proj.weight",
-                f"{ours}.attn.v_proj",
-                (k * d, e),
-                _linear_in_heads(k, d),
-            ),
-            WeightMapping(
-                f"{hf}.self_attn.o_proj.weight",
-                f"{ours}.attn.o_proj",
-                (e, h * d),
-                _linear_out_heads(h, d),
-            ),
-            WeightMapping(
-                f"{hf}.post_attention_layernorm.weight",
-                f"{ours}.post_attn_norm.weight",
-                (e,),
-                _identity,
-            ),
-            WeightMapping(
-                f"{hf}.mlp.gate_proj.weight", f"{ours}.mlp.gate_proj", (i, e), _transpose
-            ),
-            WeightMapping(f"{hf}.mlp.up_proj.weight", f"{ours}.mlp.up_proj", (i, e), _transpose),
-            WeightMapping(
-                f"{hf}.mlp.down_proj.weight", f"{ours}.mlp.down_proj", (e, i), _transpose
-            ),
+            W(f"{hf}.input_layernorm.weight", f"{ours}.input_norm.weight", (e,), (e,)),
+            W(f"{att}.q_proj.weight", f"{ours}.attn.q_proj", (h * d, e), (e, h, d), True),
+            W(f"{att}.k_proj.weight", f"{ours}.attn.k_proj", (k * d, e), (e, k, d), True),
+            W(f"{att}.v_proj.weight", f"{ours}.attn.v_proj", (k * d, e), (e, k, d), True),
+            W(f"{att}.o_proj.weight", f"{ours}.attn.o_proj", (e, h * d), (h, d, e), True),
+            W(f"{hf}.post_attention_layernorm.weight", f"{ours}.post_attn_norm.weight",
+              (e,), (e,)),
+            W(f"{mlp}.gate_proj.weight", f"{ours}.mlp.gate_proj", (i, e), (e, i), True),
+            W(f"{mlp}.up_proj.weight", f"{ours}.mlp.up_proj", (i, e), (e, i), True),
+            W(f"{mlp}.down_proj.weight", f"{ours}.mlp.down_proj", (e, i), (i, e), True),
         ]
         if cfg.qkv_bias:
             for proj, heads in (("q", h), ("k", k), ("v", k)):
-                out.append(
-                    WeightMapping(
-                        f"{hf}.self_attn.{proj}_proj.bias",
-                        f"{ours}.attn.{proj}_bias",
-                        (heads * d,),
-                        lambda b, heads=heads: b.reshape(heads, d),
-                    )
-                )
+                out.append(W(f"{att}.{proj}_proj.bias", f"{ours}.attn.{proj}_bias",
+                             (heads * d,), (heads, d)))
         if cfg.qk_norm:
             out += [
-                WeightMapping(
-                    f"{hf}.self_attn.q_norm.weight", f"{ours}.attn.q_norm.weight", (d,), _identity
-                ),
-                WeightMapping(
-                    f"{hf}.self_attn.k_norm.weight", f"{ours}.attn.k_norm.weight", (d,), _identity
-                ),
+                W(f"{att}.q_norm.weight", f"{ours}.attn.q_norm.weight", (d,), (d,)),
+                W(f"{att}.k_norm.weight", f"{ours}.attn.k_norm.weight", (d,), (d,)),
             ]
-    out.append(WeightMapping("model.norm.weight", "final_norm.weight", (e,), _identity))
+    out.append(W("model.norm.weight", "final_norm.weight", (e,), (e,)))
     if not cfg.tie_word_embeddings:
-        out.append(WeightMapping("lm_head.weight", "lm_head", (v, e), _transpose))
+        out.append(W("lm_head.weight", "lm_head", (v, e), (e, v), True))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Reading safetensors files tensor by tensor through a memory map.
+"""Reading safetensors files tensor by tensor.
 
 A small reader of our own: it needs no torch, understands bf16 through ml_dtypes, and
 never holds more than the tensor being read.
@@ -65,7 +65,6 @@ class SafetensorsFile:
             if end - begin != nbytes or begin < 0 or self._data_start + end > size:
                 raise SafetensorsError(f"{path}: tensor {name} has inconsistent offsets")
             self._entries[name] = (np.dtype(dtype), shape, begin)
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -76,12 +75,37 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
+    def read_transposed(self, name: str, dtype, rows_per_read: int = 1024) -> np.ndarray:
+        """The 2-D tensor transposed and cast, built block by block: peak memory is the
+        result plus one block, not twice the tensor."""
+        src_dtype, shape, begin = self._entries[name]
+        rows, cols = shape
+        out = np.empty((cols, rows), dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            for start in range(0, rows, rows_per_read):
+                n = min(rows_per_read, rows - start)
+                block = np.fromfile(f, dtype=src_dtype, count=n * cols)
+                if block.size != n * cols:
+                    raise SafetensorsError(f"{self.path}: tensor {name} is truncated")
+                out[:, start : start + n] = block.reshape(n, cols).T
+        return out
+
     def read(self, name: str) -> np.ndarray:
-        """A read-only view into the map; copy or convert it to own the memory."""
+        """A fresh array holding just this tensor.
+
+        Plain reads rather than a memory map: mapped pages stay in the process's resident
+        set for as long as the map lives, so converting through a map would hold the
+        whole model by the end.
+        """
         dtype, shape, begin = self._entries[name]
         count = int(np.prod(shape, dtype=np.int64))
-        start = self._data_start + begin
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=start).reshape(shape)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            data = np.fromfile(f, dtype=dtype, count=count)
+        if data.size != count:
+            raise SafetensorsError(f"{self.path}: tensor {name} is truncated")
+        return data.reshape(shape)
 
 
 class SafetensorsCheckpoint:
@@ -126,6 +150,9 @@ class SafetensorsCheckpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
+
+    def read_transposed(self, name: str, dtype) -> np.ndarray:
+        return self._where[name].read_transposed(name, dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

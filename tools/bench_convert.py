@@ -22,13 +22,16 @@ sys.path.insert(0, REPO)
 
 from tools.bench_engine import LLAMA_125M  # noqa: E402
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child of this
+# (large) process would report the parent's peak.
 _CHILD = """
-import resource, sys
+import sys
 sys.path.insert(0, {repo!r})
 from tools.convert import convert
 if {run!r}:
     convert({src!r}, {dst!r}, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+with open("/proc/self/status") as f:
+    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
 """
 
 

@@ -80,7 +80,11 @@ def convert(
         for item, group in itertools.groupby(mappings, key=lambda m: item_of(m.path)):
             arrays = {}
             for m in group:
-                arrays[m.path] = np.ascontiguousarray(m.transform(st.read(m.hf_name)), dtype=target)
+                if m.transpose:
+                    tensor = st.read_transposed(m.hf_name, target)
+                else:
+                    tensor = st.read(m.hf_name).astype(target, copy=False)
+                arrays[m.path] = tensor.reshape(m.shape)
                 bar.update(1)
             writer.save_item(item, arrays)
             del arrays
