@@ -56,7 +56,7 @@ def default_cache_dir() -> str:
     base = os.environ.get("MESHSERVE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "meshserve"
     )
-    return os.path.join(base, "demo-v1")
+    return os.path.join(base, "demo-v2")
 
 
 def ensure_demo_checkpoint(path: str | None = None) -> str:
@@ -65,14 +65,24 @@ def ensure_demo_checkpoint(path: str | None = None) -> str:
     if os.path.exists(os.path.join(path, MANIFEST)):
         read_manifest(path)
         return path
+    import sentencepiece
+
     from meshes import make_mesh, parse_layout
     from models.loading import init_random, save_model
 
     model = init_random(DEMO_CONFIG, make_mesh(parse_layout("")), jnp.float32, seed=0,
                         init_std=0.05)
+    tokenizer = train_demo_tokenizer()
+    # Random weights pick byte-fallback pieces as often as words, and random bytes are
+    # rarely valid UTF-8. Zeroing their output columns lets greedy decoding (the default)
+    # choose word pieces from the corpus, so the demo's text is at least readable.
+    sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer)
+    silent = [i for i in range(sp.get_piece_size())
+              if sp.IsByte(i) or sp.IsUnknown(i) or sp.IsControl(i)]
+    head = model.params["lm_head"]
+    head.set_value(head[...].at[:, jnp.asarray(silent)].set(0.0))
     try:
-        save_model(model, path, demo=True, label=DEMO_LABEL,
-                   files={"tokenizer.model": train_demo_tokenizer()})
+        save_model(model, path, demo=True, label=DEMO_LABEL, files={"tokenizer.model": tokenizer})
     except (OSError, ValueError):
         # Another process may have published it first; theirs is as good as ours.
         if not os.path.exists(os.path.join(path, MANIFEST)):
