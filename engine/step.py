@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from engine.paged_attention import AttentionSpecs, PagedAttention
+from engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
 from engine.sampler import SamplingBatch, sample
 from meshes import ShardingRules, use_rules
 from models.loading import ShardedModel
@@ -70,12 +70,17 @@ class StepFunctions:
     def __init__(self, model: ShardedModel, specs: AttentionSpecs, num_top: int, decode_steps: int):
         self.model = model
         self.rules: ShardingRules = model.rules
-        self.compiles = 0
         self._specs = specs
         self._num_top = num_top
         self._decode_steps = decode_steps
         self._mixed = jax.jit(self._mixed_impl, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
+
+    @property
+    def compiles(self) -> int:
+        """Executables compiled so far: one per distinct input signature *and* input
+        shardings (a Python-side trace counter would miss sharding-only recompiles)."""
+        return self._mixed._cache_size() + self._decode._cache_size()
 
     def _forward_sample(
         self,
@@ -110,7 +115,6 @@ class StepFunctions:
         return kv, counts, seen, out
 
     def _mixed_impl(self, params, kv, counts, seen, inp: StepInputs):
-        self.compiles += 1  # runs only while tracing
         kv, counts, seen, (tok, lp, top_ids, top_lp) = self._forward_sample(
             params,
             kv,
@@ -124,12 +128,11 @@ class StepFunctions:
             True,
         )
         out = StepOutputs(tok[None], lp[None], top_ids[None], top_lp[None], jnp.int32(1))
-        return kv, counts, seen, out
+        return (*self._pin_state(kv, counts, seen), out)
 
     def _decode_impl(self, params, kv, counts, seen, inp: StepInputs):
         """Up to K decode steps; a row stops at a stop id or after `remaining` tokens, and
         from then on rewrites its own last slot so it never touches pages it lacks."""
-        self.compiles += 1
         k = self._decode_steps
         d, s = inp.kv_lens.shape
         n = self._num_top
@@ -174,7 +177,15 @@ class StepFunctions:
 
         carry = (jnp.int32(0), kv, counts, seen, inp.tokens, inp.kv_lens, ~valid, outputs)
         _, kv, counts, seen, _, _, _, out = jax.lax.while_loop(cond, body, carry)
-        return kv, counts, seen, out
+        return (*self._pin_state(kv, counts, seen), out)
+
+    def _pin_state(self, kv, counts, seen):
+        """Return the donated state in exactly the shardings it was created with: else
+        GSPMD may pick others (counts split over vocab, say), and the next call sees new
+        input shardings and compiles again — warm-up would not cover real traffic."""
+        kv = [self.rules.constrain(layer, CACHE_AXES) for layer in kv]
+        stats = ("cache_batch", None, None)
+        return kv, self.rules.constrain(counts, stats), self.rules.constrain(seen, stats)
 
     def run(self, kv, counts, seen, inp: StepInputs, decode: bool):
         fn: Callable = self._decode if decode else self._mixed

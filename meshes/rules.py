@@ -94,6 +94,10 @@ class ShardingRules:
             if axis is not None:
                 used.add(axis)
             out.append(axis)
+        # Canonical form: XLA hands back P() for P(None, None); jit caches by spec, so an
+        # array created with one form and returned with the other would recompile.
+        while out and out[-1] is None:
+            out.pop()
         return PartitionSpec(*out)
 
     def sharding(self, axes: LogicalAxes, shape: tuple[int, ...] | None = None) -> NamedSharding:

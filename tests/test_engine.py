@@ -124,10 +124,11 @@ def test_invalid_requests_are_refused_precisely(engine):
     assert_idle(engine)
 
 
-def test_no_recompiles_after_warmup_for_random_streams(checkpoint_dir):
+@pytest.mark.parametrize("layout", ["", "data=2,tensor=2"])
+def test_no_recompiles_after_warmup_for_random_streams(checkpoint_dir, layout):
     cfg = EngineConfig(page_size=16, num_pages=40, max_seqs=4, max_step_tokens=32,
                        decode_steps=4, max_logprobs=2)
-    engine = make_engine(checkpoint_dir("llama"), "", cfg)
+    engine = make_engine(checkpoint_dir("llama"), layout, cfg)
     warm = engine.warmup()
     assert warm == 2 * 3 + 3  # tokens {16,32} x seqs {1,2,4} (s <= t) + decode x {1,2,4}
     rng = random.Random(0)
