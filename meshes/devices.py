@@ -16,8 +16,8 @@ def set_cpu_device_count(count: int | None) -> None:
     if count < 1:
         raise ValueError(f"--cpu-devices must be >= 1, got {count}")
     jax.config.update("jax_num_cpu_devices", count)
-    try:
-        actual = len(jax.devices("cpu"))
+    try:  # this process's devices (jax.devices() spans every process of a group)
+        actual = len(jax.local_devices(backend="cpu"))
     except RuntimeError:  # CPU backend unavailable: nothing to simulate
         return
     if actual != count:

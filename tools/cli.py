@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "generate": ("tools.generate", "generate text offline (or from a server with --target)"),
     "serve": ("tools.serve", "serve a model over gRPC (streaming generation, health, metrics)"),
     "bench-serving": ("tools.bench_serving", "load-test a running server (vLLM bench serve style)"),
+    "bench-mesh": ("tools.bench_mesh", "measure every layout that fits, pick the best for an SLO"),
 }
 
 # Errors that mean "your input is wrong": print the message, no traceback, exit 2.
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         if quiet:  # Orbax logs every save/restore at INFO; -v / --verbosity brings it back.
             logging.set_verbosity(logging.WARNING)
         try:
+            # A subcommand may need to act before any JAX backend exists (serve joins a
+            # multi-process group with jax.distributed there).
+            getattr(module, "init_runtime", lambda: None)()
             set_cpu_device_count(flags.FLAGS.cpu_devices)
             return module.main(args)
         except _USER_ERRORS as e:

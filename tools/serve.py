@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from absl import flags
 
+from tools import serve_multihost
 from tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
+
+# Joins a multi-process group (--coordinator ...) before JAX's backends start.
+init_runtime = serve_multihost.init_runtime
 
 
 def define_flags() -> None:
     define_model_flags()
+    serve_multihost.define_flags()
     d = flags
     d.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default).")
     d.DEFINE_integer("port", 50051, "gRPC port (0 picks a free one).", lower_bound=0)
     d.DEFINE_integer("slices", 1, "Independent replicas: the devices are split into this many "
                      "equal groups, each with its own --mesh, engine and batch.", lower_bound=1)
+    d.DEFINE_string("layout_from", None, "results.json of `meshserve bench-mesh`: serve its "
+                    "best layout (sets --slices and --mesh).")
     # Engine (per slice; limits are per data shard).
     d.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
     d.DEFINE_integer("num_pages", None, "KV pages per data shard (default: from memory).")
@@ -71,6 +78,9 @@ def main(argv: list[str]) -> int:
 
     f = flags.FLAGS
     logs.configure(f.log_level)
+    from tools.bench_mesh_report import apply_layout_from
+
+    apply_layout_from(f)
     options = ServerOptions(
         host=f.host, port=f.port, max_request_bytes=f.max_request_bytes,
         grace_period=f.grace_period,
@@ -90,6 +100,8 @@ def main(argv: list[str]) -> int:
         device_memory_bytes=capacity_bytes(),
     )
     dtype = f.dtype or default_compute_dtype()
+    if serve_multihost.active():
+        return serve_multihost.main(options, engine_config, dtype)
     with checkpoint_dir() as ckpt:
         model = launch.load(ckpt, f.mesh, f.slices, dtype, engine_config,
                             source=f.hf or f.checkpoint, warmup=f.warmup)

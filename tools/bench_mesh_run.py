@@ -1,0 +1,290 @@
+"""Planning and measuring one layout for `meshserve bench-mesh`.
+
+A layout is first checked and sized by the memory planner (nothing is loaded); one that
+fits is loaded once per slice, warmed up, and driven by the same workload the server
+would see: per-slice engines behind `serving.slices.Router`, the server's router, with
+requests arriving on a Poisson clock and streamed back as the engines produce them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from engine.engine import Engine, EngineConfig
+from engine.sampling_params import SamplingParams
+from meshes import LayoutError, MeshLayout, make_mesh, split_slices
+from models.config import ModelConfig
+from models.loading import layout_problems, load_checkpoint, memory_plan
+from tools.bench_mesh_hlo import decode_collectives, megatron_min_all_reduces
+from tools.bench_mesh_report import REQUIRED_KEYS
+from tools.bench_serving import Result, arrival_times, lengths, summarize
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """vLLM `bench serve` random dataset: uniform lengths, Poisson (gamma) arrivals."""
+
+    num_requests: int = 32
+    request_rate: float = math.inf
+    max_concurrency: int | None = None
+    input_len: int = 64
+    output_len: int = 32
+    range_ratio: float = 0.0
+    burstiness: float = 1.0
+    seed: int = 0
+    max_duration: float = 600.0  # per layout: later requests are cancelled and fail
+
+    def requests(self, vocab_size: int) -> tuple[list[list[int]], list[int], np.ndarray]:
+        """The same prompts, output lengths and arrival times for every layout."""
+        rng = np.random.default_rng(self.seed)
+        ins = lengths(rng, self.input_len, self.range_ratio, self.num_requests)
+        outs = lengths(rng, self.output_len, self.range_ratio, self.num_requests)
+        low = min(3, vocab_size - 1)  # skip the usual unk/bos/eos ids, as bench-serving
+        prompts = [rng.integers(low, vocab_size, size=int(n)).tolist() for n in ins]
+        starts = arrival_times(rng, self.num_requests, self.request_rate, self.burstiness)
+        return prompts, [int(o) for o in outs], starts
+
+    def max_total_len(self) -> int:
+        hi = lambda mean: max(1, int(mean * (1 + self.range_ratio)))  # noqa: E731
+        return hi(self.input_len) + hi(self.output_len)
+
+    def concurrency(self) -> int:
+        return min(self.num_requests, self.max_concurrency or self.num_requests)
+
+
+def engine_config_for(workload: Workload, base: EngineConfig, model_max_len: int) -> EngineConfig:
+    """Fill the workload-dependent blanks: model length and a page pool holding a full
+    batch of the longest requests (so every layout gets the same KV room per request)."""
+    max_len = base.max_model_len or min(model_max_len, workload.max_total_len())
+    num_pages = base.num_pages or base.max_seqs * math.ceil(max_len / base.page_size) + 1
+    return dataclasses.replace(base, max_model_len=max_len, num_pages=num_pages)
+
+
+def plan_layout(cfg: ModelConfig, layout: MeshLayout, dtype, engine_cfg: EngineConfig,
+                capacity_bytes: int | None, num_devices: int) -> dict:
+    """fits / reason and per-device bytes, from the layout rules and the memory planner."""
+    row: dict = {**dict.fromkeys(REQUIRED_KEYS), "layout": layout.to_string(with_slices=True),
+                 "fits": False}
+    problems = layout_problems(cfg, layout)
+    if layout.num_devices > num_devices:
+        problems.append(f"needs {layout.num_devices} devices, {num_devices} exist")
+    if problems:
+        row["reason"] = "; ".join(problems)
+        return row
+    try:
+        plan = memory_plan(cfg, make_mesh(layout), dtype,
+                           engine_cfg.num_pages * engine_cfg.page_size,
+                           max_step_tokens=engine_cfg.max_step_tokens,
+                           capacity_bytes=capacity_bytes)
+    except (LayoutError, ValueError) as e:
+        row["reason"] = str(e)
+        return row
+    row.update(weights_bytes_per_device=plan.weights_bytes, kv_bytes_per_device=plan.kv_bytes,
+               reserve_bytes_per_device=plan.reserve_bytes,
+               capacity_bytes_per_device=plan.capacity_bytes, fits=plan.fits)
+    if not plan.fits:
+        row["reason"] = f"does not fit: {plan.describe()}"
+    return row
+
+
+class _CompileCounter:
+    """Counts XLA compilations (a compile during the measured run would be a warm-up
+    gap, and its seconds would land in some request's latency)."""
+
+    def __init__(self) -> None:
+        from jax import monitoring
+
+        self.count = 0
+        self.active = False
+        monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name: str, _secs: float, **_kw) -> None:
+        if self.active and "backend_compile" in name:
+            self.count += 1
+
+
+_COUNTER: _CompileCounter | None = None
+
+
+def _compile_counter() -> _CompileCounter:
+    global _COUNTER
+    if _COUNTER is None:  # jax.monitoring has no unregister: one listener per process
+        _COUNTER = _CompileCounter()
+    return _COUNTER
+
+
+def build_engines(ckpt: str, layout: MeshLayout, dtype, engine_cfg: EngineConfig) -> list:
+    """One engine per slice, warmed up before its loop starts (as serving's build_slices).
+
+    Warm-up runs twice: the step programs return the cache and token statistics with the
+    shardings XLA propagated (not the ones they were created with), so the first pass
+    compiles its first bucket for the initial shardings and the second pass compiles
+    the steady-state variant; every later pass is a no-op.
+    """
+    from serving.slices import Slice
+
+    slices = []
+    try:
+        for index, mesh in enumerate(split_slices(layout)):
+            engine = Engine(load_checkpoint(ckpt, mesh, dtype), engine_cfg, None)
+            engine.warmup()
+            engine.warmup()
+            slices.append(Slice(index, engine, layout.to_string(),
+                                tuple(str(d) for d in mesh.devices.flat)))
+    except BaseException:
+        shutdown(slices)
+        raise
+    for s in slices:
+        s.engine.start()
+    return slices
+
+
+def shutdown(slices: list) -> None:
+    for s in slices:
+        s.engine.shutdown(timeout=10.0)
+    slices.clear()
+    gc.collect()  # drop the weights and caches before the next layout loads
+
+
+def decode_hlo(engine: Engine, seqs: int) -> str:
+    """HLO text of the engine's compiled decode program for the `seqs` bucket, with the
+    engine's current (steady-state) cache shardings: the program the workload runs."""
+    from engine.batching import build_inputs
+    from engine.config import bucket
+    from engine.scheduler import StepPlan
+    from meshes import use_rules
+
+    cfg = engine.config
+    s = bucket(seqs, cfg.seq_buckets())
+    # decode_steps=1 has no decode loop: decodes run as mixed steps of one token each.
+    loop = cfg.decode_steps > 1
+    t = s if loop else bucket(s, cfg.token_buckets())
+    plan = StepPlan(decode=loop, shards=[[] for _ in range(engine.data_shards)])
+    inputs = engine._put(build_inputs(plan, cfg, engine.pages_per_seq, 0, t, s))
+    fn = engine._fns._decode if loop else engine._fns._mixed
+    with use_rules(engine.model.rules):
+        lowered = fn.lower(engine.model.params, engine._kv, engine._counts, engine._seen,
+                           inputs)
+    return lowered.compile().as_text()
+
+
+async def _one(router, index: int, prompt: list[int], out_len: int) -> Result:
+    from serving.slices import NoHealthySliceError
+
+    result = Result(input_len=len(prompt))
+    cost = len(prompt) + out_len  # what the server's router balances (prompt + max_tokens)
+    params = SamplingParams(max_tokens=out_len, ignore_eos=True)
+    start = last = time.perf_counter()
+    try:
+        chosen, handle = router.submit(prompt, params, f"bench-{index}", cost)
+    except (NoHealthySliceError, RuntimeError, ValueError) as e:
+        result.error = type(e).__name__
+        return result
+    try:
+        async for chunk in handle.stream():
+            n = len(chunk.token_ids)
+            if n:
+                now = time.perf_counter()
+                if result.ttft is None:
+                    result.ttft = now - start
+                else:
+                    result.itl.extend([(now - last) / n] * n)
+                last = now
+                result.output_len += n
+            if chunk.error:
+                result.error = "engine error"
+        result.e2e = time.perf_counter() - start
+        if result.ttft is None and result.error is None:
+            result.error = "no tokens"
+    finally:
+        if result.e2e is None:
+            handle.cancel()
+        router.release(chosen, cost)
+    return result
+
+
+async def drive(router, workload: Workload, requests) -> dict:
+    """Send the workload through the router; the summary of tools/bench_serving."""
+    prompts, outs, starts = requests
+    limit = asyncio.Semaphore(workload.concurrency())
+    t0 = time.perf_counter()
+
+    async def scheduled(i: int) -> Result:
+        await asyncio.sleep(max(0.0, starts[i] - (time.perf_counter() - t0)))
+        async with limit:
+            return await _one(router, i, prompts[i], outs[i])
+
+    tasks = [asyncio.create_task(scheduled(i)) for i in range(len(prompts))]
+    done, pending = await asyncio.wait(tasks, timeout=workload.max_duration)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    results = [t.result() if t in done else Result(len(prompts[i]), error="max_duration")
+               for i, t in enumerate(tasks)]
+    return {"results": results, "duration": time.perf_counter() - t0}
+
+
+def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cfg: EngineConfig,
+               workload: Workload, slo: dict[str, float],
+               log: Callable[[str], None] = print) -> dict:
+    """Load, warm up, measure and count collectives for one fitting layout."""
+    from serving.slices import Router
+
+    counter = _compile_counter()
+    t0 = time.perf_counter()
+    slices = build_engines(ckpt, layout, dtype, engine_cfg)
+    try:
+        loaded = time.perf_counter() - t0
+        per_shard = math.ceil(workload.concurrency() / (layout.slices * layout.data))
+        seqs = min(engine_cfg.max_seqs, per_shard)
+        engine = slices[0].engine
+        collectives = decode_collectives(decode_hlo(engine, seqs), layout.axis_sizes())
+        # The axis the weights are split over (Megatron's all-reduces run over it).
+        weight_axis = engine.model.rules.mapping.get("heads")
+        log(f"  loaded and warmed up {layout.slices} slice(s) in {loaded:.1f}s; measuring")
+        counter.count, counter.active = 0, True
+        try:
+            run = asyncio.run(drive(Router(slices), workload, workload.requests(cfg.vocab_size)))
+        finally:
+            counter.active = False
+    finally:
+        shutdown(slices)
+    summary = summarize(run["results"], run["duration"], slo)
+    minimum = megatron_min_all_reduces(cfg.num_layers, layout.tensor)
+    model_parallel = collectives.per_step_over((weight_axis,))["all-reduce"]
+    by_axis: dict[str, dict[str, int]] = {}
+    for c in collectives.items:
+        if c.where == "step":
+            counts = by_axis.setdefault("+".join(c.axes), {})
+            counts[c.kind] = counts.get(c.kind, 0) + 1
+    return {
+        "ttft_ms_p50": summary["ttft_ms"]["p50"], "ttft_ms_p99": summary["ttft_ms"]["p99"],
+        "tpot_ms_p50": summary["tpot_ms"]["p50"], "tpot_ms_p99": summary["tpot_ms"]["p99"],
+        "itl_ms_p50": summary["itl_ms"]["p50"], "e2e_ms_p99": summary["e2e_ms"]["p99"],
+        "output_tokens_per_s": summary["output_throughput"],
+        "request_throughput_rps": summary["request_throughput"],
+        "goodput_rps": summary["goodput"],
+        "completed": summary["completed"], "failed": summary["failed"],
+        "errors": summary["errors"], "duration_s": summary["duration_s"],
+        "total_output_tokens": summary["total_output_tokens"],
+        "load_and_warmup_s": loaded, "compiles_during_run": counter.count,
+        "collectives_per_step": collectives.per_step,
+        "collective_bytes_per_step": collectives.bytes_per_step,
+        "collectives_by_axis_per_step": by_axis,
+        "collectives_conditional": collectives.conditional,
+        "collectives_nested_loop": collectives.nested_loop,
+        "collectives_per_call": collectives.per_call,
+        "collective_sources": collectives.sources(),
+        "collectives_decode_seqs": seqs,
+        "megatron_min_all_reduces": minimum,
+        "model_parallel_axis": weight_axis,
+        "model_parallel_all_reduces_per_step": model_parallel,
+        "all_reduce_ratio_to_megatron": model_parallel / minimum if minimum else None,
+    }
