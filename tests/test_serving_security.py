@@ -38,7 +38,7 @@ def _openssl(*args: str, cwd) -> None:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> dict[str, bytes]:
     if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI to make test certificates")
+        pytest.fail("the TLS tests need the openssl CLI (apt-get install openssl)")
     d = tmp_path_factory.mktemp("certs")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
