@@ -7,7 +7,6 @@ handle. See engine/API.md.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import threading
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.batching import build_inputs
-from engine.config import EngineConfig
+from engine.config import EngineConfig, bucket
 from engine.detokenizer import IncrementalDetokenizer
 from engine.handle import RequestHandle
 from engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
@@ -111,7 +110,6 @@ class Engine:
         self._aborts: list[str] = []
         self._live: dict[str, tuple[Sequence, RequestHandle]] = {}
         self._seeds = random.Random(cfg.seed)
-        self._ids = itertools.count()
         self._finished = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -329,8 +327,6 @@ class Engine:
 
     def precompile(self, decode: bool, seqs: int, tokens: int | None = None) -> None:
         """Compile the program for the buckets holding `seqs` sequences / `tokens` tokens."""
-        from engine.config import bucket
-
         s = bucket(seqs, self.config.seq_buckets())
         t = s if decode else bucket(tokens or s, self.config.token_buckets())
         self._run_empty(t, s, decode)

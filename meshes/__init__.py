@@ -19,7 +19,7 @@ from meshes.planner import (
     device_capacity_bytes,
     plan_memory,
 )
-from meshes.rules import ShardingRules, constrain, current_rules, use_rules
+from meshes.rules import ShardingRules, constrain, use_rules
 
 __all__ = [
     "LAYOUT_KEYS",
@@ -32,7 +32,6 @@ __all__ = [
     "TensorSpec",
     "bytes_per_device",
     "constrain",
-    "current_rules",
     "default_compute_dtype",
     "device_capacity_bytes",
     "enumerate_layouts",

@@ -125,10 +125,6 @@ def use_rules(rules: ShardingRules | None) -> Iterator[ShardingRules | None]:
         _CURRENT.reset(token)
 
 
-def current_rules() -> ShardingRules | None:
-    return _CURRENT.get()
-
-
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Pin an activation's layout by logical names; no-op outside `use_rules`."""
     rules = _CURRENT.get()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from models.config import ModelConfig
 
 # Buffers some exporters write that carry no weights.
@@ -23,10 +21,6 @@ class WeightMapping:
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]  # ours: the (transposed) tensor reshaped to split heads out
     transpose: bool = False  # HF linear weights are [out, in]
-
-    def convert(self, tensor: np.ndarray) -> np.ndarray:
-        """For tensors already in memory (tests, tools); the converter streams instead."""
-        return (tensor.T if self.transpose else tensor).reshape(self.shape)
 
 
 def layer_item(layer: int) -> str:
