@@ -1,7 +1,8 @@
 """The model's attention over the paged KV cache, one ragged batch per data shard.
 
-Each device runs the ragged paged attention (kernel or reference) on its own data
-shard's batch and its own kv heads inside `shard_map`, the way the kernels want it.
+Each device runs the ragged paged attention kernel (TPU, GPU, or the C++ one on CPU) on
+its own data shard's batch and its own kv heads inside `shard_map`, the way the kernels
+want it; the pure-JAX reference runs under GSPMD.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class AttentionSpecs:
     meta: PartitionSpec
     windows: tuple[int | None, ...]
     impl: str | None
-    manual: bool  # kernels run per device inside shard_map; the reference under GSPMD
+    # Kernels (custom calls GSPMD cannot partition) run per device inside shard_map; the
+    # reference runs under GSPMD.
+    manual: bool
 
     @classmethod
     def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
@@ -84,6 +87,8 @@ class PagedAttention:
             out, pages = attend(q[0], k[0], v[0], pages, *(m[0] for m in meta))
             return out[None], pages
 
+        if s.mesh.size == 1:
+            return one_shard(q, k, v, cache, *meta)
         if s.manual:  # kernels: each device runs its own shard's batch and kv heads
             m = s.meta
             return jax.shard_map(

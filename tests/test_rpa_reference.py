@@ -259,7 +259,7 @@ def test_debug_mode_validates_eagerly_and_under_jit():
 
 def test_resolve_impl(monkeypatch):
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
-    assert resolve_impl() == "reference"  # CPU
+    assert resolve_impl() == "cpu"  # the C++ kernel builds on this machine
     assert resolve_impl(backend="tpu") == "tpu"
     assert resolve_impl(backend="gpu") == "gpu"
     monkeypatch.setenv(IMPL_ENV_VAR, "GPU")
@@ -270,13 +270,14 @@ def test_resolve_impl(monkeypatch):
         resolve_impl()
 
 
-def test_dispatch_default_is_reference_on_cpu_and_kernels_need_interpret(monkeypatch):
+def test_dispatch_default_on_cpu_and_kernels_need_interpret(monkeypatch):
     monkeypatch.delenv(IMPL_ENV_VAR, raising=False)
     batch = make_batch("decode_gqa4_ps32")
-    out, pages = ragged_paged_attention(*batch.args(), sliding_window=16)
     want, want_pages = naive_attention(batch, sliding_window=16)
-    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(pages), want_pages)
+    for impl in (None, "reference"):  # None: the C++ CPU kernel
+        out, pages = ragged_paged_attention(*batch.args(), sliding_window=16, impl=impl)
+        np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(pages), want_pages)
     for impl in ("tpu", "gpu"):
         with pytest.raises(ValueError, match="interpret=True"):
             ragged_paged_attention(*batch.args(), impl=impl)

@@ -9,18 +9,25 @@ from typing import Any
 import jax
 import numpy as np
 
-from pallas_kernels.ragged_paged_attention import gpu_kernel, reference, tpu_kernel, validation
+from pallas_kernels.ragged_paged_attention import (
+    cpu_kernel,
+    gpu_kernel,
+    reference,
+    tpu_kernel,
+    validation,
+)
 
 IMPL_ENV_VAR = "MESHSERVE_ATTENTION_IMPL"
 DEBUG_ENV_VAR = "MESHSERVE_ATTENTION_DEBUG"
-IMPLS = ("auto", "reference", "tpu", "gpu")
-_BACKEND_OF_IMPL = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm")}
+IMPLS = ("auto", "reference", "cpu", "tpu", "gpu")
+_BACKEND_OF_IMPL = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm"), "cpu": ("cpu",)}
 
 
 def resolve_impl(impl: str | None = None, backend: str | None = None) -> str:
     """Concrete implementation for ``impl`` (argument, else $MESHSERVE_ATTENTION_IMPL, else auto).
 
-    auto picks the TPU kernel on TPU, the GPU kernel on GPU and the reference elsewhere.
+    auto picks the TPU kernel on TPU, the GPU kernel on GPU, the C++ kernel on CPU when it
+    builds (see cpu_kernel), and the reference otherwise.
     """
     choice = impl if impl is not None else os.environ.get(IMPL_ENV_VAR, "auto")
     choice = (choice or "auto").strip().lower()
@@ -32,6 +39,8 @@ def resolve_impl(impl: str | None = None, backend: str | None = None) -> str:
     backend = backend or jax.default_backend()
     for name, backends in _BACKEND_OF_IMPL.items():
         if backend in backends:
+            if name == "cpu" and not cpu_kernel.available():
+                return "reference"
             return name
     return "reference"
 
@@ -88,7 +97,9 @@ def ragged_paged_attention(
       sm_scale: softmax scale, default 1 / sqrt(head_dim).
       sliding_window: query at position p attends keys in (p - sliding_window, p].
       soft_cap: logits become soft_cap * tanh(logits / soft_cap).
-      impl: "auto" | "reference" | "tpu" | "gpu"; default from $MESHSERVE_ATTENTION_IMPL.
+      impl: "auto" | "reference" | "cpu" | "tpu" | "gpu"; default from
+        $MESHSERVE_ATTENTION_IMPL. auto takes the reference where "cpu" cannot run these
+        dtypes/shapes (see ``cpu_kernel.supports``).
       interpret: run a Pallas kernel in the interpreter (True, or pltpu.InterpretParams for
         the TPU kernel), which works on CPU.
       debug: validate the runtime metadata on the host (default from
@@ -114,6 +125,8 @@ def ragged_paged_attention(
     if _debug_enabled(debug):
         _check_dynamic(kv_pages.shape, q.shape[0], kv_lens, page_indices, cu_q_lens, num_seqs)
     which = resolve_impl(impl)
+    if which == "cpu" and impl in (None, "auto") and not cpu_kernel.supports(q, kv_pages):
+        which = "reference"
     backend = jax.default_backend()
     if which in _BACKEND_OF_IMPL and not interpret and backend not in _BACKEND_OF_IMPL[which]:
         raise ValueError(
@@ -127,6 +140,8 @@ def ragged_paged_attention(
         return tpu_kernel.ragged_paged_attention_tpu(
             *args, **common, interpret=interpret, **dict(tpu_options or {})
         )
+    if which == "cpu":
+        return cpu_kernel.ragged_paged_attention_cpu(*args, **common)
     if which == "gpu":
         return gpu_kernel.ragged_paged_attention_gpu(
             *args, **common, interpret=bool(interpret), **dict(gpu_options or {})
