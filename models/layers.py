@@ -69,6 +69,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def _project_to_heads(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [b, s, e] times w [e, heads, head_dim] as one plain matmul, then split heads."""
+    e, h, d = w.shape
+    return (x @ w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, init: Initializer):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -90,9 +96,9 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Any, attention: AttentionFn
     ) -> tuple[jax.Array, Any]:
-        q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
-        k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
-        v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
+        q = _project_to_heads(x, self.q_proj[...])
+        k = _project_to_heads(x, self.k_proj[...])
+        v = _project_to_heads(x, self.v_proj[...])
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -102,7 +108,10 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = attention(self.layer, q, k, v, cache)
         out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", "head_dim"))
-        y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...])
+        # As one [b*s, h*d] x [h*d, e] matmul (free reshapes of row-major arrays): with
+        # two contracting dims XLA:CPU chose to transpose-copy o_proj on every call.
+        b, s, h, d = out.shape
+        y = out.reshape(b, s, h * d) @ self.o_proj[...].reshape(h * d, -1)
         return constrain(y, ("batch", "seq", "embed")), cache
 
 

@@ -63,8 +63,16 @@ def make_models(spec: dict, workdir: str):
 
 
 def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rng) -> float:
-    """Decode tokens/s once every sequence has finished its prefill."""
-    params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True)
+    """Decode tokens/s in steady state: a window in which all `batch` sequences decode.
+
+    Sequences admitted first already decode while later ones prefill, so each gets room
+    for those tokens plus the window; nobody finishes inside the window (no bucket
+    change), and the rest is aborted afterwards.
+    """
+    cfg = engine.config
+    prefill_steps = -(-batch * context // cfg.max_step_tokens) + 2
+    params = SamplingParams(max_tokens=new_tokens + prefill_steps + cfg.decode_steps,
+                            ignore_eos=True)
     handles = [engine.add_request(rng.integers(3, engine.vocab_size, context).tolist(), params)
                for _ in range(batch)]
     engine.precompile(decode=True, seqs=batch)
@@ -72,13 +80,18 @@ def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rng) 
     engine.step()  # takes the new requests in
     while engine.scheduler.waiting or not all(s.is_decoding for s in running()):
         engine.step()
+    assert len(running()) == batch, "a sequence finished before the window"
     before = sum(len(s.output_ids) for s in running())
     start = time.perf_counter()
+    for _ in range(-(-new_tokens // cfg.decode_steps)):
+        engine.step()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(s.output_ids) for s in running()) - before
+    assert len(running()) == batch, "a sequence finished inside the window"
+    for h in handles:
+        engine.abort(h.request_id)
     while engine.step():
         pass
-    elapsed = time.perf_counter() - start
-    produced = sum(len(h_tokens) for h_tokens in (
-        [t for c in h for t in c.token_ids] for h in handles)) - before
     return produced / elapsed
 
 
