@@ -98,7 +98,7 @@ def test_cpu_kernel_clamps_corrupt_metadata_instead_of_reading_outside():
 
 def test_cpu_kernel_under_vmap_matches_per_batch_calls():
     a, b = make_batch("mixed_gqa8_ps16", seed=7), make_batch("mixed_gqa8_ps16", seed=8)
-    stacked = [jnp.stack([x, y]) for x, y in zip(a.args(), b.args())]
+    stacked = [jnp.stack([x, y]) for x, y in zip(a.args(), b.args(), strict=True)]
     outs, _ = jax.vmap(cpu_kernel.ragged_paged_attention_cpu)(*stacked)
     for i, batch in enumerate((a, b)):
         want, _ = ragged_paged_attention_reference(*batch.args())
