@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshes import use_rules
+from engine.packing import model_context
 from models.dense_attention import DenseAttention, init_dense_cache
 from models.loading import ShardedModel
 
@@ -50,7 +50,7 @@ class DenseGenerator:
         )
 
     def _run(self, fn, *args):
-        with use_rules(self.model.rules):
+        with model_context(self.model):
             return fn(*args)
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:

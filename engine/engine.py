@@ -23,6 +23,7 @@ from engine.config import EngineConfig, bucket
 from engine.detokenizer import IncrementalDetokenizer
 from engine.handle import RequestHandle
 from engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
+from engine.packing import pack_weights, packing_applies
 from engine.paged_attention import AttentionSpecs, init_paged_cache
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, StepPlan
@@ -81,8 +82,10 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         attention_impl: str | None = None,
     ):
-        self.model = model
         self.config = cfg = config or EngineConfig()
+        if cfg.pack_weights and packing_applies(model):
+            model = pack_weights(model)  # a copy: drop the caller's model to free its memory
+        self.model = model
         self.tokenizer = tokenizer
         mc = model.config
         self.vocab_size = mc.vocab_size

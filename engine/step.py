@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from engine.packing import model_context
 from engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
 from engine.sampler import SamplingBatch, sample
-from meshes import ShardingRules, use_rules
+from meshes import ShardingRules
 from models.loading import ShardedModel
 
 
@@ -189,5 +190,5 @@ class StepFunctions:
 
     def run(self, kv, counts, seen, inp: StepInputs, decode: bool):
         fn: Callable = self._decode if decode else self._mixed
-        with use_rules(self.rules):
+        with model_context(self.model):
             return fn(self.model.params, kv, counts, seen, inp)

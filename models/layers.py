@@ -6,7 +6,10 @@ turns them into shardings. Activations are pinned with `meshes.constrain`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import jax
@@ -29,6 +32,58 @@ class AttentionFn(Protocol):
     def __call__(
         self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, cache: Any
     ) -> tuple[jax.Array, Any]: ...
+
+
+class PackedMatmul(Protocol):
+    """A matmul that reads weights stored in its own element order (same shape and
+    element count as the plain [K, N] weight), e.g. panel-packed for a CPU kernel."""
+
+    def packable(self, k: int, n: int, dtype: Any) -> bool: ...
+
+    def __call__(self, x: jax.Array, w: jax.Array, k: int, n: int) -> jax.Array: ...
+
+
+# Projection weights by parameter name, with how many leading dims they contract: the
+# ones `dense` multiplies, and so the ones a PackedMatmul may store in its own order.
+PROJECTIONS = {
+    "q_proj": 1,
+    "k_proj": 1,
+    "v_proj": 1,
+    "o_proj": 2,
+    "gate_proj": 1,
+    "up_proj": 1,
+    "down_proj": 1,
+    "lm_head": 1,
+}
+
+_packed_matmul: contextvars.ContextVar[PackedMatmul | None] = contextvars.ContextVar(
+    "packed_matmul", default=None
+)
+
+
+@contextlib.contextmanager
+def use_packed_matmul(matmul: PackedMatmul | None) -> Iterator[None]:
+    """While tracing, projection weights that `matmul.packable` accepts are in its order."""
+    token = _packed_matmul.set(matmul)
+    try:
+        yield
+    finally:
+        _packed_matmul.reset(token)
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """x [..., *w.shape[:contract]] times w -> [..., *w.shape[contract:]], as one plain
+    [M, K] x [K, N] matmul (free reshapes of row-major arrays: with several contracting
+    dims XLA:CPU transposed a weight copy on every call)."""
+    k, n = math.prod(w.shape[:contract]), math.prod(w.shape[contract:])
+    lead = x.shape[: x.ndim - contract]
+    x2 = x.reshape(-1, k)
+    packed = _packed_matmul.get()
+    if packed is not None and packed.packable(k, n, w.dtype):
+        y = packed(x2, w, k, n)
+    else:
+        y = x2 @ w.reshape(k, n)
+    return y.reshape(*lead, *w.shape[contract:])
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], dtype, axes) -> nnx.Param:
@@ -69,12 +124,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _project_to_heads(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [b, s, e] times w [e, heads, head_dim] as one plain matmul, then split heads."""
-    e, h, d = w.shape
-    return (x @ w.reshape(e, h * d)).reshape(*x.shape[:-1], h, d)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, init: Initializer):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -96,9 +145,9 @@ class Attention(nnx.Module):
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Any, attention: AttentionFn
     ) -> tuple[jax.Array, Any]:
-        q = _project_to_heads(x, self.q_proj[...])
-        k = _project_to_heads(x, self.k_proj[...])
-        v = _project_to_heads(x, self.v_proj[...])
+        q = dense(x, self.q_proj[...])
+        k = dense(x, self.k_proj[...])
+        v = dense(x, self.v_proj[...])
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -108,10 +157,7 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = attention(self.layer, q, k, v, cache)
         out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", "head_dim"))
-        # As one [b*s, h*d] x [h*d, e] matmul (free reshapes of row-major arrays): with
-        # two contracting dims XLA:CPU chose to transpose-copy o_proj on every call.
-        b, s, h, d = out.shape
-        y = out.reshape(b, s, h * d) @ self.o_proj[...].reshape(h * d, -1)
+        y = dense(out, self.o_proj[...], contract=2)
         return constrain(y, ("batch", "seq", "embed")), cache
 
 
@@ -123,10 +169,10 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, init, (i, e), dtype, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...]
-        up = x @ self.up_proj[...]
+        gate = dense(x, self.gate_proj[...])
+        up = dense(x, self.up_proj[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return constrain(hidden @ self.down_proj[...], ("batch", "seq", "embed"))
+        return constrain(dense(hidden, self.down_proj[...]), ("batch", "seq", "embed"))
 
 
 class DecoderLayer(nnx.Module):

@@ -105,6 +105,9 @@ class ShardedModel:
     params: nnx.State
     rules: ShardingRules
     dtype: Any
+    # Projection weights stored in a PackedMatmul's order (see models.layers.dense); the
+    # model must then be traced under models.layers.use_packed_matmul(that matmul).
+    packed: bool = False
 
     def module(self, params: nnx.State | None = None) -> Transformer:
         return nnx.merge(self.graphdef, self.params if params is None else params)

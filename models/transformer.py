@@ -12,7 +12,7 @@ from flax import nnx
 
 from meshes import constrain
 from models.config import ModelConfig, rope_inverse_frequencies
-from models.layers import AttentionFn, DecoderLayer, RMSNorm, param, rope_cos_sin
+from models.layers import AttentionFn, DecoderLayer, RMSNorm, dense, param, rope_cos_sin
 
 
 class Transformer(nnx.Module):
@@ -62,7 +62,7 @@ class Transformer(nnx.Module):
         if self.config.tie_word_embeddings:
             out = jnp.einsum("...e,ve->...v", hidden, self.embed[...])
         else:
-            out = hidden @ self.lm_head[...]
+            out = dense(hidden, self.lm_head[...])
         return out.astype(jnp.float32)
 
     def __call__(self, tokens, positions, cache, attention: AttentionFn):

@@ -110,22 +110,23 @@ def test_measured_layouts_report_consistent_metrics(measured):
 @pytest.mark.parametrize("layout", ["data=4,tensor=2", "data=2,tensor=4"])
 def test_decode_step_collectives_are_megatrons_plus_the_vocab_sharded_ends(measured, layout):
     """Per decode step on tensor=N: Megatron's 2 all-reduces per layer (attention output
-    and MLP down projections), plus 4 all-reduces and 2 all-gathers because the
-    embedding and LM head are split over the vocabulary (README: Mesh-layout benchmark)."""
+    and MLP down projections), plus 4 all-reduces because the embedding and LM head are
+    split over the vocabulary (README: Mesh-layout benchmark)."""
     r = _by_layout(measured)[parse_layout(layout)]
     steps = [s for s in r["collective_sources"] if s["where"] == "step"]
     model_parallel = [s for s in steps if s["axes"] == r["model_parallel_axis"]]
 
     def count(kind: str, op: str) -> int:
-        return sum(s["count"] for s in model_parallel if s["kind"] == kind and s["op_name"] == op)
+        return sum(s["count"] for s in model_parallel if s["kind"] == kind and op in s["op_name"])
 
-    assert count("all-reduce", "bshd,hde->bse/dot_general") == LAYERS  # attention output
-    assert count("all-reduce", "dot_general") == LAYERS  # MLP down projection
+    assert count("all-reduce", "dot_general") == 2 * LAYERS  # attention output, MLP down
     assert count("all-reduce", "jit(_take)/gather") == 1  # embedding lookup
-    assert count("all-reduce", "jit(log_softmax)/reduce_max") == 1
-    assert count("all-reduce", "jit(log_softmax)/reduce_sum") == 1
-    assert count("all-reduce", "jit(take_along_axis)/gather") == 1  # chosen token's logprob
-    assert count("all-gather", "reduce") == 2  # argmax: (value, index) per shard
+    assert count("all-reduce", "reduce_max") == 1  # row maximum (logsumexp and argmax)
+    assert count("all-reduce", "reduce_min") == 1  # argmax: first index of the maximum
+    # logsumexp's sum and the chosen token's logit (XLA combines the two into one).
+    assert count("all-reduce", "reduce_sum") == 1
+    assert count("all-reduce", "take_along_axis") == 1
+    assert count("all-gather", "") == 0
     assert r["megatron_min_all_reduces"] == 2 * LAYERS
     assert r["model_parallel_all_reduces_per_step"] == 2 * LAYERS + 4
     assert r["all_reduce_ratio_to_megatron"] == (2 * LAYERS + 4) / (2 * LAYERS)
@@ -136,13 +137,13 @@ def test_decode_step_collectives_are_megatrons_plus_the_vocab_sharded_ends(measu
         ("all-gather", "scatter"), ("all-gather", "scatter-add"),
         ("all-reduce", "reduce_or"), ("all-reduce", "while/cond/reduce_or")]
     assert r["collectives_per_step"]["all-reduce"] == 2 * LAYERS + 4 + 2
-    assert r["collectives_per_step"]["all-gather"] == 2 + 2
+    assert r["collectives_per_step"]["all-gather"] == 2  # the scatters' indices
     assert sum(r["collectives_per_step"].values()) == sum(s["count"] for s in steps)
     assert sum(r["collective_bytes_per_step"].values()) == sum(s["bytes"] for s in steps)
-    # The row-parallel all-reduces move one f32 hidden state per batch row and device.
+    # The 2 row-parallel all-reduces per layer move one f32 hidden state per batch row.
     hidden, rows = 64, ENGINE.max_seqs
     assert next(s["bytes"] for s in model_parallel
-                if s["op_name"] == "dot_general") == LAYERS * rows * hidden * 4
+                if s["op_name"] == "dot_general") == 2 * LAYERS * rows * hidden * 4
 
 
 def test_best_meets_the_slo_or_is_null_with_a_message(measured):

@@ -10,15 +10,13 @@
 // num_seqs [1]; out [T, Hq, D].
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -200,26 +198,6 @@ AttendFn Specialised(int64_t group, int64_t head_dim) {
   return AttendOne<0, 0>;
 }
 
-// Work shared by the caller and the pool's tasks; tasks that start after everything is
-// done find no items and only drop their reference, so the caller never waits for them.
-struct Shared {
-  Problem problem;
-  int64_t num_items = 0;
-  int64_t heads_per_item = 1;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Drain() {
-    const int64_t per = heads_per_item, items_per_token = problem.num_kv_heads / per;
-    const AttendFn attend = Specialised(problem.group, problem.head_dim);
-    for (int64_t i; (i = next.fetch_add(1)) < num_items;) {
-      const int64_t h0 = (i % items_per_token) * per;
-      attend(problem, i / items_per_token, h0, h0 + per);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> pages,
                   ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
                   ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
@@ -234,8 +212,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   if (pd[3] != D || hkv < 1 || hq % hkv != 0 || hq / hkv > kMaxGroup || D > kMaxHeadDim) {
     return ffi::Error::InvalidArgument("ragged paged attention: unsupported head layout");
   }
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.q = q.typed_data();
   p.pages = pages.typed_data();
   p.kv_lens = kv_lens.typed_data();
@@ -268,14 +245,12 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t valid_tokens = 0;
   for (int64_t t = 0; t < num_tokens; ++t) valid_tokens += p.token_seq[t] >= 0;
-  shared->heads_per_item = valid_tokens >= 4 * threads ? hkv : 1;
-  shared->num_items = num_tokens * (hkv / shared->heads_per_item);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->num_items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Drain(); });
-  shared->Drain();
-  while (shared->done.load(std::memory_order_acquire) < shared->num_items) {
-    std::this_thread::yield();
-  }
+  const int64_t per = valid_tokens >= 4 * threads ? hkv : 1, items_per_token = hkv / per;
+  const AttendFn attend = Specialised(p.group, p.head_dim);
+  meshserve::ParallelFor(pool, num_tokens * items_per_token, [&p, attend, per, items_per_token](int64_t i) {
+    const int64_t h0 = (i % items_per_token) * per;
+    attend(p, i / items_per_token, h0, h0 + per);
+  });
   return ffi::Error::Success();
 }
 

@@ -2,112 +2,34 @@
 
 XLA:CPU runs the pure-JAX reference as a loop of small gathers and batched dots, which
 reaches a few GB/s on decode batches; the kernel reads each sequence's pages in place.
-It is compiled once per machine with the system C++ compiler into a cache directory
-($MESHSERVE_KERNEL_CACHE, default ~/.cache/meshserve/kernels) and loaded with ctypes.
-Where no compiler is available `available()` is False and dispatch uses the reference.
+It is built once per machine by ``pallas_kernels.cpu_build``; where no compiler is
+available ``available()`` is False and dispatch uses the reference.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import cpu_build
 from pallas_kernels.ragged_paged_attention import reference, validation
-
-log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
 TARGET = "meshserve_ragged_paged_attention_cpu"
-CACHE_ENV_VAR = "MESHSERVE_KERNEL_CACHE"
-# fast-math lets GCC vectorise expf and the dot reductions; the kernel keeps its running
-# maxima finite, so the finite-math assumption holds for finite inputs.
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffast-math")
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-class KernelBuildError(RuntimeError):
-    pass
-
-
-def _cpu_signature() -> str:
-    # -march=native bakes in this CPU's features: the cache key must include them.
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("flags", "model name"))][:2]
-    except OSError:
-        lines = [platform.processor()]
-    return "".join(lines)
-
-
-def _library_path() -> str:
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        raise KernelBuildError("no C++ compiler (g++ or $CXX) on PATH")
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join(
-            x.encode() if isinstance(x, str) else x
-            for x in (source, version, " ".join(_FLAGS), jax.__version__, _cpu_signature())
-        )
-    ).hexdigest()[:20]
-    cache = os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "meshserve", "kernels"
-    )
-    path = os.path.join(cache, f"rpa_cpu_{key}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        raise KernelBuildError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-    os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
-    return path
+_TARGETS = {TARGET: "MeshserveRaggedPagedAttention"}
+KernelBuildError = cpu_build.KernelBuildError
 
 
 def load() -> None:
     """Builds (once per machine) and registers the kernel; raises KernelBuildError."""
-    with _lock:
-        if "error" in _state:
-            raise KernelBuildError(str(_state["error"]))
-        if "lib" in _state:
-            return
-        try:
-            lib = ctypes.CDLL(_library_path())
-            jax.ffi.register_ffi_target(
-                TARGET, jax.ffi.pycapsule(lib.MeshserveRaggedPagedAttention), platform="cpu"
-            )
-        except (KernelBuildError, OSError) as e:
-            _state["error"] = e
-            raise KernelBuildError(str(e)) from e
-        _state["lib"] = lib
+    cpu_build.load(SOURCE, _TARGETS)
 
 
 def available() -> bool:
-    """True when the kernel is built and registered (building it on first call)."""
-    try:
-        load()
-        return True
-    except KernelBuildError as e:
-        log.warning("CPU attention kernel unavailable, using the JAX reference: %s", e)
-        return False
+    return cpu_build.available(SOURCE, _TARGETS)
 
 
 def supports(q: jax.Array, kv_pages: jax.Array) -> bool:

@@ -1,0 +1,44 @@
+// Work sharing over XLA:CPU's intra-op thread pool for the C++ FFI kernels.
+#ifndef MESHSERVE_PALLAS_KERNELS_CPU_PARALLEL_H_
+#define MESHSERVE_PALLAS_KERNELS_CPU_PARALLEL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace meshserve {
+
+// Runs fn(i) for i in [0, n) on the calling thread and up to pool.num_threads() - 1
+// pool tasks, handing out items one at a time. The caller waits for all items, never for
+// the tasks: one that starts late finds nothing left and only drops its reference to the
+// shared state, so a busy or single-threaded pool cannot deadlock the call.
+template <typename Fn>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct Shared {
+    explicit Shared(Fn f) : fn(std::move(f)) {}
+    Fn fn;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  if (n <= 0) return;
+  auto shared = std::make_shared<Shared>(std::move(fn));
+  auto drain = [shared, n] {
+    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
+      shared->fn(i);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(drain)(drain));  // a copy each
+  drain();
+  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+}  // namespace meshserve
+
+#endif  // MESHSERVE_PALLAS_KERNELS_CPU_PARALLEL_H_
