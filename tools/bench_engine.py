@@ -154,10 +154,13 @@ def main() -> None:
         hf, ckpt = make_models(spec, tmp)
         model = load_checkpoint(ckpt, make_mesh(parse_layout("")))
         cfg = model.config
-        max_b, max_ctx = max(batches), max(contexts) + args.new_tokens + 2
+        max_b, step_tokens = max(batches), max(512, max(batches))
+        # Room for the tokens early sequences decode while later ones prefill (ours_decode).
+        slack = -(-max_b * max(contexts) // step_tokens) + 2 + args.decode_steps
+        max_ctx = max(contexts) + args.new_tokens + slack + 2
         engine = Engine(model, EngineConfig(
             num_pages=max_b * (-(-max_ctx // 16)) + 8, max_seqs=max_b,
-            max_step_tokens=max(512, max_b), decode_steps=args.decode_steps,
+            max_step_tokens=step_tokens, decode_steps=args.decode_steps,
             min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2)))
         roof = roofline.measure()
         results["roofline"] = {"bandwidth_GBps": roof.bandwidth / 1e9,

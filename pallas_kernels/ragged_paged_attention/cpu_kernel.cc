@@ -46,18 +46,9 @@ struct Problem {
 // otherwise.
 typedef float V16 __attribute__((vector_size(64)));
 typedef float V16Unaligned __attribute__((vector_size(64), aligned(4)));
-typedef float V8 __attribute__((vector_size(32)));
-typedef float V4 __attribute__((vector_size(16)));
 
 inline V16 Load(const float* x) { return *reinterpret_cast<const V16Unaligned*>(x); }
 
-inline float Sum(V16 x) {
-  V8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
-  V8 b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  V8 c = a + b;
-  V4 d = __builtin_shufflevector(c, c, 0, 1, 2, 3) + __builtin_shufflevector(c, c, 4, 5, 6, 7);
-  return (d[0] + d[1]) + (d[2] + d[3]);
-}
 
 // Online-softmax state of one kv head's G query rows.
 struct HeadState {
@@ -65,23 +56,110 @@ struct HeadState {
   alignas(64) float acc[kMaxGroup][kMaxHeadDim];
 };
 
+// Lane j of the result is the sum of all lanes of x[j]: a transpose-and-add tree, about
+// a quarter of the shuffles of 16 separate horizontal sums.
+inline V16 TransposeSum(const V16 (&x)[16]) {
+  V16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: x[2i]'s partial sums, 8-15: x[2i+1]'s
+    a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                   25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {  // 4 lanes per key, keys 4i .. 4i+3
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17,
+                                   18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {  // 2 lanes per key, keys 8i .. 8i+7
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17,
+                                   20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24,
+                                 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
+                                 27, 29, 31);
+}
+
+// Scaled scores s[g][j] of n keys (rows `stride` floats apart) against G query rows.
 template <int GT, int DT>
-inline float QueryDotKey(const float* q, const float* k, int64_t dim) {
-  if constexpr (DT > 0 && DT % 16 == 0) {
-    V16 x = Load(q) * Load(k);
-    for (int c = 1; c < DT / 16; ++c) x += Load(q + 16 * c) * Load(k + 16 * c);
-    return Sum(x);
+void Scores(const float* q, const float* key, int64_t stride, int64_t n, int64_t group,
+            int64_t dim, float scale, float* s) {
+  if constexpr (GT > 0 && DT > 0 && DT % 16 == 0) {
+    constexpr int DV = DT / 16;
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+      V16 part[GT][16];
+      const int64_t tile = std::min<int64_t>(16, n - t0);
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j >= tile) {
+          for (int g = 0; g < GT; ++g) part[g][j] = V16{};
+          continue;
+        }
+        const float* k = key + (t0 + j) * stride;
+        V16 kv[DV];
+        for (int c = 0; c < DV; ++c) kv[c] = Load(k + 16 * c);
+        for (int g = 0; g < GT; ++g) {
+          V16 x = Load(q + g * DT) * kv[0];
+          for (int c = 1; c < DV; ++c) x += Load(q + g * DT + 16 * c) * kv[c];
+          part[g][j] = x;
+        }
+      }
+      for (int g = 0; g < GT; ++g) {
+        const V16 sums = TransposeSum(part[g]) * scale;
+        for (int64_t j = 0; j < tile; ++j) s[g * kChunk + t0 + j] = sums[j];
+      }
+    }
   } else {
-    float x = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) x += q[d] * k[d];
-    return x;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* k = key + j * stride;
+      for (int64_t g = 0; g < group; ++g) {
+        float x = 0.0f;
+        for (int64_t d = 0; d < dim; ++d) x += q[g * dim + d] * k[d];
+        s[g * kChunk + j] = x * scale;
+      }
+    }
   }
 }
 
-// Kv heads [h0, h1) of token t. Pages are read front to back, row by row (a slot row
-// holds every head's K and V), which the hardware prefetcher follows; a head-by-head
-// walk strides through each page and runs at a third of the speed.
-// GT/DT > 0 fix the group size and head dim at compile time (the common shapes).
+// acc[g] = acc[g] * alpha[g] + sum_j p[g][j] * v_j, accumulating in registers where the
+// shape is fixed at compile time.
+template <int GT, int DT>
+void Accumulate(HeadState& st, const float* alpha, const float* p, const float* value,
+                int64_t stride, int64_t n, int64_t group, int64_t dim) {
+  if constexpr (GT > 0 && DT > 0 && DT % 16 == 0) {
+    constexpr int DV = DT / 16;
+    V16 a[GT][DV];
+    for (int g = 0; g < GT; ++g)
+      for (int c = 0; c < DV; ++c) a[g][c] = Load(st.acc[g] + 16 * c) * alpha[g];
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = value + j * stride;
+      V16 vv[DV];
+      for (int c = 0; c < DV; ++c) vv[c] = Load(v + 16 * c);
+      for (int g = 0; g < GT; ++g) {
+        const float w = p[g * kChunk + j];
+        for (int c = 0; c < DV; ++c) a[g][c] += w * vv[c];
+      }
+    }
+    for (int g = 0; g < GT; ++g)
+      for (int c = 0; c < DV; ++c) *reinterpret_cast<V16Unaligned*>(st.acc[g] + 16 * c) = a[g][c];
+  } else {
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t d = 0; d < dim; ++d) st.acc[g][d] *= alpha[g];
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = value + j * stride;
+      for (int64_t g = 0; g < group; ++g) {
+        const float w = p[g * kChunk + j];
+        for (int64_t d = 0; d < dim; ++d) st.acc[g][d] += w * v[d];
+      }
+    }
+  }
+}
+
+// Kv heads [h0, h1) of token t, page by page. GT/DT > 0 fix the group size and head dim
+// at compile time (the common shapes) so that the hot loops run in vector registers.
 template <int GT, int DT>
 void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
   const int64_t G = GT > 0 ? GT : p.group, D = DT > 0 ? DT : p.head_dim;
@@ -95,9 +173,7 @@ void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
   if (first > last) return;
 
   thread_local std::vector<HeadState> states;
-  thread_local std::vector<float> scores;  // [heads, G, kChunk]
   if (static_cast<int64_t>(states.size()) < heads) states.resize(heads);
-  scores.resize(heads * G * kChunk);
   for (int64_t i = 0; i < heads; ++i) {
     for (int64_t g = 0; g < G; ++g) {
       states[i].m[g] = kMaskValue;
@@ -108,61 +184,34 @@ void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
   const float* q = p.q + (t * hq + h0 * G) * D;
   const int32_t* table = p.page_indices + seq * p.pages_per_seq;
   const int64_t stride = 2 * p.num_kv_heads * D;
+  alignas(64) float s[kMaxGroup * kChunk];
+  float alpha[kMaxGroup];
   for (int64_t start = first; start <= last;) {
     const int64_t col = start / PS, slot0 = start % PS;
     const int64_t n = std::min<int64_t>({PS - slot0, last - start + 1, kChunk});
     const int64_t page = std::clamp<int64_t>(table[col], 0, p.num_pages - 1);
     const float* rows = p.pages + (page * PS + slot0) * stride + 2 * h0 * D;
-    // Pages sit anywhere in the pool: fetch the next one while this one is computed.
-    const char* ahead = nullptr;
-    if (col + 1 < p.pages_per_seq && start + n <= last) {
-      const int64_t next = std::clamp<int64_t>(table[col + 1], 0, p.num_pages - 1);
-      ahead = reinterpret_cast<const char*>(p.pages + next * PS * stride + 2 * h0 * D);
-    }
-    const int64_t row_bytes = 2 * heads * D * sizeof(float);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* row = rows + j * stride;
-      if (ahead != nullptr) {
-        const char* r = ahead + (slot0 + j) * stride * sizeof(float);
-        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(r + b);
-      }
-      for (int64_t i = 0; i < heads; ++i) {
-        for (int64_t g = 0; g < G; ++g) {
-          scores[(i * G + g) * kChunk + j] =
-              QueryDotKey<GT, DT>(q + (i * G + g) * D, row + 2 * i * D, D) * p.sm_scale;
-        }
-      }
-    }
     for (int64_t i = 0; i < heads; ++i) {
       HeadState& st = states[i];
+      const float* key = rows + 2 * i * D;
+      Scores<GT, DT>(q + i * G * D, key, stride, n, G, D, p.sm_scale, s);
       for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + (i * G + g) * kChunk;
+        float* sg = s + g * kChunk;
         float mx = st.m[g];
         for (int64_t j = 0; j < n; ++j) {
-          if (p.soft_cap > 0.0f) s[j] = p.soft_cap * std::tanh(s[j] / p.soft_cap);
-          mx = std::max(mx, s[j]);
+          if (p.soft_cap > 0.0f) sg[j] = p.soft_cap * std::tanh(sg[j] / p.soft_cap);
+          mx = std::max(mx, sg[j]);
         }
-        const float alpha = std::exp(st.m[g] - mx);  // underflows to 0 on the first keys
+        alpha[g] = std::exp(st.m[g] - mx);  // underflows to 0 on the first keys
         float sum = 0.0f;
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = std::exp(s[j] - mx);
-          sum += s[j];
+          sg[j] = std::exp(sg[j] - mx);
+          sum += sg[j];
         }
-        st.l[g] = st.l[g] * alpha + sum;
+        st.l[g] = st.l[g] * alpha[g] + sum;
         st.m[g] = mx;
-        for (int64_t d = 0; d < D; ++d) st.acc[g][d] *= alpha;
       }
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const float* row = rows + j * stride;
-      for (int64_t i = 0; i < heads; ++i) {
-        const float* v = row + (2 * i + 1) * D;
-        HeadState& st = states[i];
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = scores[(i * G + g) * kChunk + j];
-          for (int64_t d = 0; d < D; ++d) st.acc[g][d] += w * v[d];
-        }
-      }
+      Accumulate<GT, DT>(st, alpha, s, key + D, stride, n, G, D);
     }
     start += n;
   }
