@@ -62,7 +62,14 @@ def _build(source: str) -> str:
     path = os.path.join(cache, f"{name}_{key}.so")
     if os.path.exists(path):
         return path
-    os.makedirs(cache, exist_ok=True)
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:  # a read-only home: build into the temp dir instead
+        cache = os.path.join(tempfile.gettempdir(), f"meshserve-kernels-{os.getuid()}")
+        os.makedirs(cache, exist_ok=True)
+        path = os.path.join(cache, os.path.basename(path))
+        if os.path.exists(path):
+            return path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE}", source, "-o", tmp]

@@ -5,9 +5,10 @@
 
 Prints a table (time, achieved bytes/s and FLOP/s) and optionally writes JSON.
 
-On CPU only the reference can be timed: the TPU kernel needs Mosaic (a TPU) and the GPU kernel
-needs Triton (a GPU). Interpret mode runs them on CPU, but an interpreter's speed says nothing
-about the kernel's, so on CPU the kernel rows are reported as unmeasured instead.
+On CPU the reference and the C++ CPU kernel can be timed: the TPU kernel needs Mosaic (a
+TPU) and the GPU kernel needs Triton (a GPU). Interpret mode runs them on CPU, but an
+interpreter's speed says nothing about the kernel's, so on CPU those rows are reported as
+unmeasured instead. The CPU kernel takes f32 only (rows in other dtypes say so).
 
 Bytes and FLOPs are the minimal work of the step (each attended K/V byte read once, q read,
 output and new K/V written; 4 FLOPs per (query head, attended key, head_dim) for QK^T and PV),
@@ -32,14 +33,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.ragged_paged_attention import (  # noqa: E402
+    cpu_kernel,
     ragged_paged_attention_gpu,
     ragged_paged_attention_reference,
     ragged_paged_attention_tpu,
 )
 from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch  # noqa: E402
 
-IMPLS = ("reference", "tpu", "gpu")
-_KERNEL_BACKENDS = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm")}
+IMPLS = ("reference", "cpu", "tpu", "gpu")
+_KERNEL_BACKENDS = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm"), "cpu": ("cpu",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             fn = {
                 "reference": ragged_paged_attention_reference,
+                "cpu": cpu_kernel.ragged_paged_attention_cpu,
                 "tpu": ragged_paged_attention_tpu,
                 "gpu": ragged_paged_attention_gpu,
             }[impl]
@@ -190,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         "jax_version": jax.__version__,
         "dtype": dtype.name,
         "repeats": args.repeats,
-        "note": "bytes/FLOPs are the step's minimal work; kernel rows are unmeasured on CPU",
+        "note": "bytes/FLOPs are the step's minimal work; TPU/GPU rows are unmeasured on CPU",
         "results": rows,
     }
 

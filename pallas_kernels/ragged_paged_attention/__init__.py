@@ -1,9 +1,11 @@
 """Ragged paged attention: one call for decode, prefill and chunked prefill in a batch.
 
-``ragged_paged_attention`` dispatches to the TPU kernel, the GPU kernel or the pure-JAX
-reference (see ``dispatch``). ``write_kv_pages`` only writes the step's new K/V into pages.
+``ragged_paged_attention`` dispatches to the TPU kernel, the GPU kernel, the C++ CPU kernel
+or the pure-JAX reference (see ``dispatch``). ``write_kv_pages`` only writes the step's new
+K/V into pages.
 """
 
+from pallas_kernels.ragged_paged_attention.cpu_kernel import ragged_paged_attention_cpu
 from pallas_kernels.ragged_paged_attention.dispatch import (
     DEBUG_ENV_VAR,
     IMPL_ENV_VAR,
@@ -32,6 +34,7 @@ __all__ = [
     "IMPL_ENV_VAR",
     "choose_block_sizes",
     "ragged_paged_attention",
+    "ragged_paged_attention_cpu",
     "ragged_paged_attention_gpu",
     "ragged_paged_attention_reference",
     "ragged_paged_attention_tpu",
