@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -25,22 +24,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import packed_matmul as pm  # noqa: E402
+from tools.roofline import best_time  # noqa: E402
 
 
 def _fit(x: jax.Array, k: int) -> jax.Array:
     """The previous output as the next input of width k (a cheap slice or tile)."""
     reps = -(-k // x.shape[1])
     return (jnp.tile(x, (1, reps)) if reps > 1 else x)[:, :k]
-
-
-def _best(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -78,8 +68,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for m in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((m, h), np.float32))
-        t_xla = _best(xla, weights, x, repeats=args.repeats)
-        t_ours = _best(ours, packed, x, repeats=args.repeats)
+        t_xla = best_time(xla, weights, x, repeats=args.repeats)
+        t_ours = best_time(ours, packed, x, repeats=args.repeats)
         flops = 2 * m * total / 4
         row = {"rows": m, "xla_s": t_xla, "packed_s": t_ours, "weight_bytes": total,
                "xla_GBps": total / t_xla / 1e9, "packed_GBps": total / t_ours / 1e9,

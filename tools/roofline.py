@@ -22,7 +22,8 @@ class Roofline:
         return max(bytes_moved / self.bandwidth, flops / self.flops)
 
 
-def _best(fn, *args, repeats: int) -> float:
+def best_time(fn, *args, repeats: int) -> float:
+    """Fastest of `repeats` timed calls (after one untimed call that compiles)."""
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -38,9 +39,9 @@ def measure(gemv_bytes: int = 512 << 20, matmul_n: int = 3072, repeats: int = 5)
     w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
     x = jnp.ones((cols,), jnp.float32)
     gemv = jax.jit(lambda w, x: w @ x)
-    bandwidth = rows * cols * 4 / _best(gemv, w, x, repeats=repeats)
+    bandwidth = rows * cols * 4 / best_time(gemv, w, x, repeats=repeats)
     del w
     a = jax.random.normal(jax.random.key(1), (matmul_n, matmul_n), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    flops = 2 * matmul_n**3 / _best(matmul, a, repeats=max(2, repeats // 2))
+    flops = 2 * matmul_n**3 / best_time(matmul, a, repeats=max(2, repeats // 2))
     return Roofline(bandwidth=bandwidth, flops=flops)
