@@ -1,0 +1,39 @@
+"""The benchmark scripts still run end to end (tiny shapes; their numbers are not judged
+here: speed is measured in benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_bench_engine_quick_writes_every_row(tmp_path):
+    out = tmp_path / "engine.json"
+    _run("bench_engine.py", "--quick", "--skip-hf", "--out", str(out))
+    report = json.loads(out.read_text())
+    kinds = [(r["kind"], r["batch"]) for r in report["rows"]]
+    assert kinds == [("decode", 1), ("decode", 8), ("prefill", 1)]
+    for r in report["rows"]:
+        assert r["ours_tok_s"] > 0 and 0 < r["ours_of_roofline"]
+    assert report["roofline"]["bandwidth_GBps"] > 0 and report["roofline"]["matmul_GFLOPs"] > 0
+
+
+def test_bench_matmul_compares_both_paths(tmp_path):
+    out = tmp_path / "matmul.json"
+    _run("bench_matmul.py", "--hidden", "64", "--intermediate", "128", "--kv-width", "32",
+         "--layers", "2", "--vocab", "256", "--rows", "1,9", "--repeats", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rows"] for r in rows] == [1, 9]
+    for r in rows:
+        assert r["xla_s"] > 0 and r["packed_s"] > 0
+        assert r["weight_bytes"] == 4 * (2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3) + 64 * 256)
