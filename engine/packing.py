@@ -53,16 +53,14 @@ def pack_weights(model: ShardedModel) -> ShardedModel:
     pack = jax.jit(lambda w, k, n: pm.pack(w.reshape(k, n)).reshape(w.shape),
                    static_argnums=(1, 2))
 
-    def convert(path, leaf):
-        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    def convert(path, variable: nnx.Variable):
         contract = PROJECTIONS.get(str(path[-1]))
         if contract is None:
-            return leaf
+            return variable
+        value = variable.get_value()
         k = math.prod(value.shape[:contract])
-        if not pm.packable(k, value.size // k, value.dtype):
-            return leaf
-        packed = pack(value, k, value.size // k)
-        return leaf.replace(packed) if isinstance(leaf, nnx.Variable) else packed
+        n = value.size // k
+        return variable.replace(pack(value, k, n)) if pm.packable(k, n, value.dtype) else variable
 
     params = nnx.map_state(convert, model.params)
     return dataclasses.replace(model, params=params, packed=True)

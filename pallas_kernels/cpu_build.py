@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "MESHSERVE_KERNEL_CACHE"
 HERE = os.path.dirname(os.path.abspath(__file__))
-_HEADERS = (os.path.join(HERE, "cpu_parallel.h"),)
+_HEADERS = (os.path.join(HERE, "cpu_common.h"),)
 # fast-math lets GCC vectorise expf and reductions; the kernels keep every intermediate
 # finite (no infinities as "minus infinity" markers), so its assumptions hold.
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffast-math")

@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu_parallel.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -18,11 +18,9 @@ namespace {
 constexpr int64_t kPanel = 32;  // columns per panel: two 16-float vectors
 constexpr int kRows = 8;        // rows of x per register block
 
-typedef float V16 __attribute__((vector_size(64)));
-typedef float V16Unaligned __attribute__((vector_size(64), aligned(4)));
-
-inline V16 Load(const float* p) { return *reinterpret_cast<const V16Unaligned*>(p); }
-inline void Store(float* p, V16 v) { *reinterpret_cast<V16Unaligned*>(p) = v; }
+using meshserve::Load;
+using meshserve::Store;
+using meshserve::V16;
 
 // Rows [m0, m0 + R) of x times one panel; R is a compile-time constant so the 2R
 // accumulators are registers.

@@ -1,8 +1,8 @@
 // Ragged paged attention for XLA:CPU, called through the XLA FFI.
 //
 // XLA:CPU runs the pure-JAX reference as many small gathers and batched dots per key
-// block; this reads each sequence's pages in place instead, one (token, kv head) work
-// item at a time, spread over XLA's intra-op thread pool. Same contract as reference.py
+// block; this reads each sequence's pages in place instead, a token's kv heads (or one of
+// them, for small batches) per work item, spread over XLA's intra-op thread pool. Same contract as reference.py
 // except that the step's K/V are already in the pages (the caller scatters them first).
 //
 // Layouts (f32): q [T, Hq, D]; pages [N, page_size, 2 * Hkv, D] with K of kv head h at
@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,13 +42,9 @@ struct Problem {
   std::vector<int32_t> token_pos;  // absolute position of each valid token
 };
 
-// GCC vector extensions: AVX-512 registers where the CPU has them, pairs of AVX2 ones
-// otherwise.
-typedef float V16 __attribute__((vector_size(64)));
-typedef float V16Unaligned __attribute__((vector_size(64), aligned(4)));
-
-inline V16 Load(const float* x) { return *reinterpret_cast<const V16Unaligned*>(x); }
-
+using meshserve::Load;
+using meshserve::Store;
+using meshserve::V16;
 
 // Online-softmax state of one kv head's G query rows.
 struct HeadState {
@@ -144,7 +140,7 @@ void Accumulate(HeadState& st, const float* alpha, const float* p, const float* 
       }
     }
     for (int g = 0; g < GT; ++g)
-      for (int c = 0; c < DV; ++c) *reinterpret_cast<V16Unaligned*>(st.acc[g] + 16 * c) = a[g][c];
+      for (int c = 0; c < DV; ++c) Store(st.acc[g] + 16 * c, a[g][c]);
   } else {
     for (int64_t g = 0; g < group; ++g)
       for (int64_t d = 0; d < dim; ++d) st.acc[g][d] *= alpha[g];
@@ -282,9 +278,11 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const int64_t n_seqs = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, max_seqs);
   p.token_seq.assign(num_tokens, -1);
   p.token_pos.assign(num_tokens, -1);
+  int64_t valid_tokens = 0;
   for (int64_t s = 0; s < n_seqs; ++s) {
     const int64_t lo = std::clamp<int64_t>(cu[s], 0, num_tokens);
     const int64_t hi = std::clamp<int64_t>(cu[s + 1], lo, num_tokens);
+    valid_tokens += hi - lo;
     for (int64_t t = lo; t < hi; ++t) {
       p.token_seq[t] = static_cast<int32_t>(s);
       p.token_pos[t] = static_cast<int32_t>(p.kv_lens[s] - (hi - lo) + (t - lo));
@@ -292,11 +290,9 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   }
   // Whole tokens per item when there are enough of them to keep every thread busy.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t valid_tokens = 0;
-  for (int64_t t = 0; t < num_tokens; ++t) valid_tokens += p.token_seq[t] >= 0;
   const int64_t per = valid_tokens >= 4 * threads ? hkv : 1, items_per_token = hkv / per;
   const AttendFn attend = Specialised(p.group, p.head_dim);
-  meshserve::ParallelFor(pool, num_tokens * items_per_token, [&p, attend, per, items_per_token](int64_t i) {
+  meshserve::ParallelFor(pool, num_tokens * items_per_token, [&](int64_t i) {
     const int64_t h0 = (i % items_per_token) * per;
     attend(p, i / items_per_token, h0, h0 + per);
   });

@@ -1,6 +1,7 @@
-// Work sharing over XLA:CPU's intra-op thread pool for the C++ FFI kernels.
-#ifndef MESHSERVE_PALLAS_KERNELS_CPU_PARALLEL_H_
-#define MESHSERVE_PALLAS_KERNELS_CPU_PARALLEL_H_
+// Shared by the C++ FFI kernels for CPU: vector types and work sharing over XLA:CPU's
+// intra-op thread pool.
+#ifndef MESHSERVE_PALLAS_KERNELS_CPU_COMMON_H_
+#define MESHSERVE_PALLAS_KERNELS_CPU_COMMON_H_
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +13,14 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace meshserve {
+
+// GCC vector extensions: AVX-512 registers where the CPU has them, pairs of AVX2 ones
+// otherwise.
+typedef float V16 __attribute__((vector_size(64)));
+typedef float V16Unaligned __attribute__((vector_size(64), aligned(4)));
+
+inline V16 Load(const float* p) { return *reinterpret_cast<const V16Unaligned*>(p); }
+inline void Store(float* p, V16 v) { *reinterpret_cast<V16Unaligned*>(p) = v; }
 
 // Runs fn(i) for i in [0, n) on the calling thread and up to pool.num_threads() - 1
 // pool tasks, handing out items one at a time. The caller waits for all items, never for
@@ -41,4 +50,4 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Fn fn) {
 
 }  // namespace meshserve
 
-#endif  // MESHSERVE_PALLAS_KERNELS_CPU_PARALLEL_H_
+#endif  // MESHSERVE_PALLAS_KERNELS_CPU_COMMON_H_
