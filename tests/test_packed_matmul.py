@@ -23,7 +23,12 @@ from tests.engine_fixtures import SMALL, assert_idle, tokens_of
 
 
 @pytest.mark.parametrize(
-    "m,k,n", [(1, 768, 2048), (8, 64, 32), (13, 100, 96), (64, 96, 256), (70, 5, 64)]
+    "m,k,n",
+    [
+        (1, 768, 2048), (8, 64, 32), (13, 100, 96), (64, 96, 256), (70, 5, 64),
+        # 1-4 rows read 4 or 2 panels per work item: whole groups and leftover panels
+        (1, 33, 32 * 7), (2, 50, 32 * 9), (3, 17, 32 * 5), (4, 64, 32 * 4),
+    ],
 )
 def test_kernel_matches_reference(m, k, n):
     rng = np.random.default_rng(m * k + n)

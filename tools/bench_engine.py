@@ -6,17 +6,21 @@
 Decode tokens/s at several batch sizes and contexts, prefill tokens/s, the same for
 transformers `generate` on the same random weights (decode step isolated as
 (time for 65 new tokens - time for 1) / 64), and each figure as a fraction of the
-roofline measured in the same run: per decode step max(bytes / bandwidth, FLOPs / rate).
+roofline measured in the same round: per decode step max(bytes / bandwidth, FLOPs / rate).
+A decode figure is the best of --rounds timed windows and its roofline the best of the
+measurements taken just before each window (each itself a best of several runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,6 +36,7 @@ from tools import roofline  # noqa: E402
 LLAMA_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   max_position_embeddings=2048)
+QUICK_ROOFLINE = dict(gemv_bytes=64 << 20, matmul_n=1024, repeats=3)
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 
@@ -62,16 +67,19 @@ def make_models(spec: dict, workdir: str):
     return hf, os.path.join(workdir, "ckpt")
 
 
-def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rng) -> float:
-    """Decode tokens/s in steady state: a window in which all `batch` sequences decode.
+def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rounds: int,
+                rng, before_window: Callable[[], None]) -> list[float]:
+    """Decode tokens/s of `rounds` steady-state windows in which all `batch` sequences
+    decode; `before_window` runs (untimed) before each, to take the roofline in the same
+    round.
 
     Sequences admitted first already decode while later ones prefill, so each gets room
-    for those tokens plus the window; nobody finishes inside the window (no bucket
+    for those tokens plus the windows; nobody finishes inside a window (no bucket
     change), and the rest is aborted afterwards.
     """
     cfg = engine.config
     prefill_steps = -(-batch * context // cfg.max_step_tokens) + 2
-    params = SamplingParams(max_tokens=new_tokens + prefill_steps + cfg.decode_steps,
+    params = SamplingParams(max_tokens=rounds * new_tokens + prefill_steps + cfg.decode_steps,
                             ignore_eos=True)
     handles = [engine.add_request(rng.integers(3, engine.vocab_size, context).tolist(), params)
                for _ in range(batch)]
@@ -80,19 +88,22 @@ def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rng) 
     engine.step()  # takes the new requests in
     while engine.scheduler.waiting or not all(s.is_decoding for s in running()):
         engine.step()
-    assert len(running()) == batch, "a sequence finished before the window"
-    before = sum(len(s.output_ids) for s in running())
-    start = time.perf_counter()
-    for _ in range(-(-new_tokens // cfg.decode_steps)):
-        engine.step()
-    elapsed = time.perf_counter() - start
-    produced = sum(len(s.output_ids) for s in running()) - before
-    assert len(running()) == batch, "a sequence finished inside the window"
+    rates = []
+    for _ in range(rounds):
+        before_window()
+        assert len(running()) == batch, "a sequence finished before the window"
+        before = sum(len(s.output_ids) for s in running())
+        start = time.perf_counter()
+        for _ in range(-(-new_tokens // cfg.decode_steps)):
+            engine.step()
+        elapsed = time.perf_counter() - start
+        assert len(running()) == batch, "a sequence finished inside the window"
+        rates.append((sum(len(s.output_ids) for s in running()) - before) / elapsed)
     for h in handles:
         engine.abort(h.request_id)
     while engine.step():
         pass
-    return produced / elapsed
+    return rates
 
 
 def ours_prefill(engine: Engine, length: int, rng) -> float:
@@ -139,6 +150,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed windows per decode figure, each after its own roofline")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None, help="write results as JSON here")
     args = p.parse_args()
@@ -162,14 +175,18 @@ def main() -> None:
             num_pages=max_b * (-(-max_ctx // 16)) + 8, max_seqs=max_b,
             max_step_tokens=step_tokens, decode_steps=args.decode_steps,
             min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2)))
-        roof = roofline.measure()
-        results["roofline"] = {"bandwidth_GBps": roof.bandwidth / 1e9,
-                               "matmul_GFLOPs": roof.flops / 1e9}
-        print(f"roofline: {roof.bandwidth / 1e9:.1f} GB/s, {roof.flops / 1e9:.0f} GFLOP/s",
-              flush=True)
+        # The machine's bandwidth moves by up to 2x within minutes, so each figure gets
+        # its own roofline, taken just before each of its timed windows; both sides are
+        # the best of what was measured in the same span.
+        measure = functools.partial(roofline.measure, **(QUICK_ROOFLINE if args.quick else {}))
+        rounds = 1 if args.quick else args.rounds
         for context in contexts:
             for batch in batches:
-                ours = ours_decode(engine, batch, context, args.new_tokens, rng)
+                roofs = []
+                windows = ours_decode(engine, batch, context, args.new_tokens, rounds, rng,
+                                      lambda roofs=roofs: roofs.append(measure()))
+                roof = roofline.best(roofs)
+                ours = max(windows)
                 theirs = None if args.skip_hf else hf_decode(hf, batch, context,
                                                              args.new_tokens, rng)
                 bytes_moved, flops = step_cost(cfg, batch, context)
@@ -179,9 +196,12 @@ def main() -> None:
                        "ours_of_roofline": ours / ideal,
                        "hf_of_roofline": None if theirs is None else theirs / ideal,
                        "bound": "memory" if bytes_moved / roof.bandwidth > flops / roof.flops
-                       else "compute"}
+                       else "compute",
+                       **roof_fields(roof, roofs), "windows_tok_s": windows}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
+        roofs = [measure() for _ in range(rounds)]
+        roof = roofline.best(roofs)
         ours = ours_prefill(engine, args.prefill_len, rng)
         theirs = None if args.skip_hf else hf_prefill(hf, args.prefill_len, rng)
         flops = 2 * args.prefill_len * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
@@ -189,7 +209,8 @@ def main() -> None:
         results["rows"].append({"kind": "prefill", "batch": 1, "context": args.prefill_len,
                                 "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
                                 "ours_of_roofline": ours / ideal,
-                                "ours_of_hf": None if theirs is None else ours / theirs})
+                                "ours_of_hf": None if theirs is None else ours / theirs,
+                                **roof_fields(roof, roofs)})
     print_table(results)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -197,10 +218,14 @@ def main() -> None:
             json.dump(results, f, indent=1)
 
 
+def roof_fields(roof: roofline.Roofline, measured: list[roofline.Roofline]) -> dict:
+    return {"bandwidth_GBps": roof.bandwidth / 1e9, "matmul_GFLOPs": roof.flops / 1e9,
+            "bandwidths_GBps": [r.bandwidth / 1e9 for r in measured]}
+
+
 def print_table(results: dict) -> None:
-    print(f"\nroofline: {results['roofline']['bandwidth_GBps']:.1f} GB/s, "
-          f"{results['roofline']['matmul_GFLOPs']:.0f} GFLOP/s")
-    head = ("kind", "batch", "ctx", "ours tok/s", "HF tok/s", "roofline", "ours/roof", "HF/roof")
+    head = ("kind", "batch", "ctx", "ours tok/s", "HF tok/s", "roofline", "GB/s", "GFLOP/s",
+            "ours/roof", "HF/roof")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     fmt = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
@@ -210,6 +235,7 @@ def print_table(results: dict) -> None:
             hf_roof = None
         print(f"| {r['kind']} | {r['batch']} | {r['context']} | {fmt(r['ours_tok_s'])} | "
               f"{fmt(r['hf_tok_s'])} | {fmt(r['roofline_tok_s'])} | "
+              f"{fmt(r['bandwidth_GBps'])} | {fmt(r['matmul_GFLOPs'], 0)} | "
               f"{fmt(r['ours_of_roofline'] * 100, 0)}% | "
               f"{'-' if hf_roof is None else fmt(hf_roof * 100, 0) + '%'} |")
     for r in results["rows"]:

@@ -45,3 +45,9 @@ def measure(gemv_bytes: int = 512 << 20, matmul_n: int = 3072, repeats: int = 5)
     matmul = jax.jit(lambda a: a @ a)
     flops = 2 * matmul_n**3 / best_time(matmul, a, repeats=max(2, repeats // 2))
     return Roofline(bandwidth=bandwidth, flops=flops)
+
+
+def best(measured: list[Roofline]) -> Roofline:
+    """The best bandwidth and the best matmul rate of several measurements."""
+    return Roofline(bandwidth=max(r.bandwidth for r in measured),
+                    flops=max(r.flops for r in measured))

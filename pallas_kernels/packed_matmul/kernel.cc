@@ -3,7 +3,8 @@
 // XLA:CPU's dots on the small-M shapes of decoding (M = batch) read the weights at a
 // fraction of memory bandwidth. Here w is stored panel-major, [N / 32, K, 32]: one panel
 // is a contiguous stream of K rows of 32 columns, so a thread streams it once while the
-// outputs of up to 8 rows of x (16 vector registers) stay in registers.
+// outputs of up to 8 rows of x (16 vector registers) stay in registers; with 4 rows or
+// fewer a thread streams 2-4 panels side by side.
 
 #include <algorithm>
 #include <cstdint>
@@ -22,31 +23,46 @@ using meshserve::Load;
 using meshserve::Store;
 using meshserve::V16;
 
-// Rows [m0, m0 + R) of x times one panel; R is a compile-time constant so the 2R
-// accumulators are registers.
-template <int R>
+// Rows [m0, m0 + R) of x times PN adjacent panels; R and PN are compile-time constants
+// so that the 2 * R * PN accumulators are registers. Few rows leave the loads waiting on
+// memory, so those blocks read several panels at once: more streams in flight.
+template <int R, int PN = 1>
 void Block(const float* x, const float* panel, float* y, int64_t m0, int64_t k_dim,
            int64_t n_dim) {
-  V16 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V16{};
+  V16 acc[R][PN][2];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PN; ++p) acc[r][p][0] = acc[r][p][1] = V16{};
+  const int64_t stride = k_dim * kPanel;
   const float* xr = x + m0 * k_dim;
   for (int64_t k = 0; k < k_dim; ++k, panel += kPanel) {
-    const V16 w0 = Load(panel), w1 = Load(panel + 16);
+    V16 w[PN][2];
+    for (int p = 0; p < PN; ++p) {
+      w[p][0] = Load(panel + p * stride);
+      w[p][1] = Load(panel + p * stride + 16);
+    }
     for (int r = 0; r < R; ++r) {
       const float xv = xr[r * k_dim + k];
-      acc[r][0] += xv * w0;
-      acc[r][1] += xv * w1;
+      for (int p = 0; p < PN; ++p) {
+        acc[r][p][0] += xv * w[p][0];
+        acc[r][p][1] += xv * w[p][1];
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    Store(y + (m0 + r) * n_dim, acc[r][0]);
-    Store(y + (m0 + r) * n_dim + 16, acc[r][1]);
+    for (int p = 0; p < PN; ++p) {
+      Store(y + (m0 + r) * n_dim + p * kPanel, acc[r][p][0]);
+      Store(y + (m0 + r) * n_dim + p * kPanel + 16, acc[r][p][1]);
+    }
   }
 }
 
 using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
 constexpr BlockFn kBlocks[kRows + 1] = {nullptr,   Block<1>, Block<2>, Block<3>, Block<4>,
                                         Block<5>, Block<6>, Block<7>, Block<8>};
+// Panels per work item for M <= 4 rows, and the blocks that read that many at once.
+constexpr int kGroupFor[5] = {1, 4, 4, 2, 2};
+constexpr BlockFn kGroupBlocks[5] = {nullptr, Block<1, 4>, Block<2, 4>, Block<3, 2>,
+                                     Block<4, 2>};
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
@@ -59,13 +75,21 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // One work item per panel: every thread streams whole panels; all row blocks of a
-  // panel reuse it from cache.
-  meshserve::ParallelFor(pool, panels, [=](int64_t p) {
-    const float* panel = wp + p * k_dim * kPanel;
-    float* out = yp + p * kPanel;
-    for (int64_t m0 = 0; m0 < m_dim; m0 += kRows) {
-      kBlocks[std::min<int64_t>(kRows, m_dim - m0)](xp, panel, out, m0, k_dim, n_dim);
+  // One work item per group of panels: every thread streams whole panels; all row blocks
+  // of a panel reuse it from cache.
+  const int64_t group = m_dim < 5 ? kGroupFor[m_dim] : 1;
+  meshserve::ParallelFor(pool, (panels + group - 1) / group, [=](int64_t i) {
+    const int64_t first = i * group, last = std::min(panels, first + group);
+    if (last - first == group && group > 1) {
+      kGroupBlocks[m_dim](xp, wp + first * k_dim * kPanel, yp + first * kPanel, 0, k_dim,
+                          n_dim);
+      return;
+    }
+    for (int64_t p = first; p < last; ++p) {
+      for (int64_t m0 = 0; m0 < m_dim; m0 += kRows) {
+        kBlocks[std::min<int64_t>(kRows, m_dim - m0)](xp, wp + p * k_dim * kPanel,
+                                                      yp + p * kPanel, m0, k_dim, n_dim);
+      }
     }
   });
   return ffi::Error::Success();
