@@ -7,14 +7,14 @@ Decode tokens/s at several batch sizes and contexts, prefill tokens/s, the same 
 transformers `generate` on the same random weights (decode step isolated as
 (time for 65 new tokens - time for 1) / 64), and each figure as a fraction of the
 roofline measured in the same round: per decode step max(bytes / bandwidth, FLOPs / rate).
-A decode figure is the best of --rounds timed windows and its roofline the best of the
-measurements taken just before each window (each itself a best of several runs).
+A decode figure is the best of --rounds timed windows of engine steps, and its roofline
+the best of the measurements taken before each of those steps (each itself a best of
+several runs), so that both sample the same moments of this shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -36,7 +36,7 @@ from tools import roofline  # noqa: E402
 LLAMA_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   max_position_embeddings=2048)
-QUICK_ROOFLINE = dict(gemv_bytes=64 << 20, matmul_n=1024, repeats=3)
+QUICK_ROOFLINE = dict(gemv_bytes=64 << 20, matmul_n=1024, repeats=2)
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 
@@ -68,10 +68,11 @@ def make_models(spec: dict, workdir: str):
 
 
 def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rounds: int,
-                rng, before_window: Callable[[], None]) -> list[float]:
+                rng, before_step: Callable[[], None]) -> list[float]:
     """Decode tokens/s of `rounds` steady-state windows in which all `batch` sequences
-    decode; `before_window` runs (untimed) before each, to take the roofline in the same
-    round.
+    decode. `before_step` runs before each engine step of a window, untimed: the roofline
+    is taken between the steps it judges (engine steps are synchronous, so nothing of
+    ours runs meanwhile).
 
     Sequences admitted first already decode while later ones prefill, so each gets room
     for those tokens plus the windows; nobody finishes inside a window (no bucket
@@ -90,13 +91,13 @@ def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, round
         engine.step()
     rates = []
     for _ in range(rounds):
-        before_window()
         assert len(running()) == batch, "a sequence finished before the window"
-        before = sum(len(s.output_ids) for s in running())
-        start = time.perf_counter()
+        before, elapsed = sum(len(s.output_ids) for s in running()), 0.0
         for _ in range(-(-new_tokens // cfg.decode_steps)):
+            before_step()
+            start = time.perf_counter()
             engine.step()
-        elapsed = time.perf_counter() - start
+            elapsed += time.perf_counter() - start
         assert len(running()) == batch, "a sequence finished inside the window"
         rates.append((sum(len(s.output_ids) for s in running()) - before) / elapsed)
     for h in handles:
@@ -170,21 +171,21 @@ def main() -> None:
         max_b, step_tokens = max(batches), max(512, max(batches))
         # Room for the tokens early sequences decode while later ones prefill (ours_decode).
         slack = -(-max_b * max(contexts) // step_tokens) + 2 + args.decode_steps
-        max_ctx = max(contexts) + args.new_tokens + slack + 2
+        rounds = 1 if args.quick else args.rounds
+        max_ctx = max(contexts) + rounds * args.new_tokens + slack + 2
         engine = Engine(model, EngineConfig(
             num_pages=max_b * (-(-max_ctx // 16)) + 8, max_seqs=max_b,
             max_step_tokens=step_tokens, decode_steps=args.decode_steps,
             min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2)))
-        # The machine's bandwidth moves by up to 2x within minutes, so each figure gets
-        # its own roofline, taken just before each of its timed windows; both sides are
-        # the best of what was measured in the same span.
-        measure = functools.partial(roofline.measure, **(QUICK_ROOFLINE if args.quick else {}))
-        rounds = 1 if args.quick else args.rounds
+        # The machine's bandwidth moves by up to 2x within seconds, so each figure gets its
+        # own roofline, measured between the engine steps it judges; both sides are the
+        # best of what was measured in the same span.
+        probe = roofline.Probe(**(QUICK_ROOFLINE if args.quick else {}))
         for context in contexts:
             for batch in batches:
                 roofs = []
                 windows = ours_decode(engine, batch, context, args.new_tokens, rounds, rng,
-                                      lambda roofs=roofs: roofs.append(measure()))
+                                      lambda roofs=roofs: roofs.append(probe.measure()))
                 roof = roofline.best(roofs)
                 ours = max(windows)
                 theirs = None if args.skip_hf else hf_decode(hf, batch, context,
@@ -200,7 +201,7 @@ def main() -> None:
                        **roof_fields(roof, roofs), "windows_tok_s": windows}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
-        roofs = [measure() for _ in range(rounds)]
+        roofs = [probe.measure() for _ in range(rounds)]
         roof = roofline.best(roofs)
         ours = ours_prefill(engine, args.prefill_len, rng)
         theirs = None if args.skip_hf else hf_prefill(hf, args.prefill_len, rng)

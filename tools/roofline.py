@@ -33,18 +33,30 @@ def best_time(fn, *args, repeats: int) -> float:
     return best
 
 
+class Probe:
+    """Holds the roofline's operands and compiled programs, to measure it again and again
+    (between the timed steps of a benchmark) without reallocating 512 MB each time."""
+
+    def __init__(self, gemv_bytes: int = 512 << 20, matmul_n: int = 3072, repeats: int = 3):
+        cols = 8192
+        rows = gemv_bytes // (4 * cols)
+        self._w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+        self._x = jnp.ones((cols,), jnp.float32)
+        self._a = jax.random.normal(jax.random.key(1), (matmul_n, matmul_n), jnp.float32)
+        self._gemv = jax.jit(lambda w, x: w @ x)
+        self._matmul = jax.jit(lambda a: a @ a)
+        self._gemv_bytes, self._matmul_flops = rows * cols * 4, 2 * matmul_n**3
+        self.repeats = repeats
+
+    def measure(self) -> Roofline:
+        """Best of `repeats` multi-threaded GEMVs (bandwidth) and large matmuls (FLOP/s)."""
+        gemv = best_time(self._gemv, self._w, self._x, repeats=self.repeats)
+        matmul = best_time(self._matmul, self._a, repeats=max(2, self.repeats // 2))
+        return Roofline(bandwidth=self._gemv_bytes / gemv, flops=self._matmul_flops / matmul)
+
+
 def measure(gemv_bytes: int = 512 << 20, matmul_n: int = 3072, repeats: int = 5) -> Roofline:
-    cols = 8192
-    rows = gemv_bytes // (4 * cols)
-    w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
-    x = jnp.ones((cols,), jnp.float32)
-    gemv = jax.jit(lambda w, x: w @ x)
-    bandwidth = rows * cols * 4 / best_time(gemv, w, x, repeats=repeats)
-    del w
-    a = jax.random.normal(jax.random.key(1), (matmul_n, matmul_n), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a)
-    flops = 2 * matmul_n**3 / best_time(matmul, a, repeats=max(2, repeats // 2))
-    return Roofline(bandwidth=bandwidth, flops=flops)
+    return Probe(gemv_bytes, matmul_n, repeats).measure()
 
 
 def best(measured: list[Roofline]) -> Roofline:
