@@ -7,9 +7,10 @@ Decode tokens/s at several batch sizes and contexts, prefill tokens/s, the same 
 transformers `generate` on the same random weights (decode step isolated as
 (time for 65 new tokens - time for 1) / 64), and each figure as a fraction of the
 roofline measured in the same round: per decode step max(bytes / bandwidth, FLOPs / rate).
-A decode figure is the best of --rounds timed windows of engine steps, and its roofline
-the best of the measurements taken before each of those steps (each itself a best of
-several runs), so that both sample the same moments of this shared machine.
+A decode figure is the median tokens/s of the engine steps of --rounds windows, and its
+roofline the median of the rooflines measured just before each of those steps (each the
+best of several runs): both sample the same moments of this shared machine, whose
+bandwidth moves by up to 2x within seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -69,8 +71,8 @@ def make_models(spec: dict, workdir: str):
 
 def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, rounds: int,
                 rng, before_step: Callable[[], None]) -> list[float]:
-    """Decode tokens/s of `rounds` steady-state windows in which all `batch` sequences
-    decode. `before_step` runs before each engine step of a window, untimed: the roofline
+    """Decode tokens/s of each engine step in `rounds` steady-state windows in which all
+    `batch` sequences decode. `before_step` runs before each step, untimed: the roofline
     is taken between the steps it judges (engine steps are synchronous, so nothing of
     ours runs meanwhile).
 
@@ -86,20 +88,17 @@ def ours_decode(engine: Engine, batch: int, context: int, new_tokens: int, round
                for _ in range(batch)]
     engine.precompile(decode=True, seqs=batch)
     running = lambda: [s for r in engine.scheduler.running for s in r]  # noqa: E731
+    produced = lambda: sum(len(s.output_ids) for s in running())  # noqa: E731
     engine.step()  # takes the new requests in
     while engine.scheduler.waiting or not all(s.is_decoding for s in running()):
         engine.step()
     rates = []
-    for _ in range(rounds):
-        assert len(running()) == batch, "a sequence finished before the window"
-        before, elapsed = sum(len(s.output_ids) for s in running()), 0.0
-        for _ in range(-(-new_tokens // cfg.decode_steps)):
-            before_step()
-            start = time.perf_counter()
-            engine.step()
-            elapsed += time.perf_counter() - start
+    for _ in range(rounds * -(-new_tokens // cfg.decode_steps)):
+        before_step()
+        before, start = produced(), time.perf_counter()
+        engine.step()
+        rates.append((produced() - before) / (time.perf_counter() - start))
         assert len(running()) == batch, "a sequence finished inside the window"
-        rates.append((sum(len(s.output_ids) for s in running()) - before) / elapsed)
     for h in handles:
         engine.abort(h.request_id)
     while engine.step():
@@ -152,7 +151,7 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3,
-                   help="timed windows per decode figure, each after its own roofline")
+                   help="timed windows per decode figure (a roofline before each step)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None, help="write results as JSON here")
     args = p.parse_args()
@@ -178,31 +177,31 @@ def main() -> None:
             max_step_tokens=step_tokens, decode_steps=args.decode_steps,
             min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2)))
         # The machine's bandwidth moves by up to 2x within seconds, so each figure gets its
-        # own roofline, measured between the engine steps it judges; both sides are the
-        # best of what was measured in the same span.
+        # own roofline, measured between the engine steps it judges; both sides are
+        # medians over the same span.
         probe = roofline.Probe(**(QUICK_ROOFLINE if args.quick else {}))
         for context in contexts:
             for batch in batches:
                 roofs = []
-                windows = ours_decode(engine, batch, context, args.new_tokens, rounds, rng,
-                                      lambda roofs=roofs: roofs.append(probe.measure()))
-                roof = roofline.best(roofs)
-                ours = max(windows)
+                steps = ours_decode(engine, batch, context, args.new_tokens, rounds, rng,
+                                    lambda roofs=roofs: roofs.append(probe.measure()))
+                ours = statistics.median(steps)
                 theirs = None if args.skip_hf else hf_decode(hf, batch, context,
                                                              args.new_tokens, rng)
                 bytes_moved, flops = step_cost(cfg, batch, context)
-                ideal = batch / roof.step_time(bytes_moved, flops)
+                ideal = statistics.median(batch / r.step_time(bytes_moved, flops) for r in roofs)
+                roof = median_roofline(roofs)
                 row = {"kind": "decode", "batch": batch, "context": context,
                        "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
                        "ours_of_roofline": ours / ideal,
                        "hf_of_roofline": None if theirs is None else theirs / ideal,
                        "bound": "memory" if bytes_moved / roof.bandwidth > flops / roof.flops
                        else "compute",
-                       **roof_fields(roof, roofs), "windows_tok_s": windows}
+                       **roof_fields(roof, roofs), "steps_tok_s": steps}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
         roofs = [probe.measure() for _ in range(rounds)]
-        roof = roofline.best(roofs)
+        roof = median_roofline(roofs)
         ours = ours_prefill(engine, args.prefill_len, rng)
         theirs = None if args.skip_hf else hf_prefill(hf, args.prefill_len, rng)
         flops = 2 * args.prefill_len * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
@@ -217,6 +216,11 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def median_roofline(measured: list[roofline.Roofline]) -> roofline.Roofline:
+    return roofline.Roofline(bandwidth=statistics.median(r.bandwidth for r in measured),
+                             flops=statistics.median(r.flops for r in measured))
 
 
 def roof_fields(roof: roofline.Roofline, measured: list[roofline.Roofline]) -> dict:

@@ -54,12 +54,3 @@ class Probe:
         matmul = best_time(self._matmul, self._a, repeats=max(2, self.repeats // 2))
         return Roofline(bandwidth=self._gemv_bytes / gemv, flops=self._matmul_flops / matmul)
 
-
-def measure(gemv_bytes: int = 512 << 20, matmul_n: int = 3072, repeats: int = 5) -> Roofline:
-    return Probe(gemv_bytes, matmul_n, repeats).measure()
-
-
-def best(measured: list[Roofline]) -> Roofline:
-    """The best bandwidth and the best matmul rate of several measurements."""
-    return Roofline(bandwidth=max(r.bandwidth for r in measured),
-                    flops=max(r.flops for r in measured))
