@@ -22,9 +22,11 @@ class Roofline:
         return max(bytes_moved / self.bandwidth, flops / self.flops)
 
 
-def best_time(fn, *args, repeats: int) -> float:
-    """Fastest of `repeats` timed calls (after one untimed call that compiles)."""
-    jax.block_until_ready(fn(*args))
+def best_time(fn, *args, repeats: int, warm_up: bool = True) -> float:
+    """Fastest of `repeats` timed calls (after one untimed call that compiles, unless
+    `fn` already ran)."""
+    if warm_up:
+        jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -47,10 +49,12 @@ class Probe:
         self._matmul = jax.jit(lambda a: a @ a)
         self._gemv_bytes, self._matmul_flops = rows * cols * 4, 2 * matmul_n**3
         self.repeats = repeats
+        jax.block_until_ready((self._gemv(self._w, self._x), self._matmul(self._a)))  # compile
 
     def measure(self) -> Roofline:
         """Best of `repeats` multi-threaded GEMVs (bandwidth) and large matmuls (FLOP/s)."""
-        gemv = best_time(self._gemv, self._w, self._x, repeats=self.repeats)
-        matmul = best_time(self._matmul, self._a, repeats=max(2, self.repeats // 2))
+        gemv = best_time(self._gemv, self._w, self._x, repeats=self.repeats, warm_up=False)
+        matmul = best_time(self._matmul, self._a, repeats=max(2, self.repeats // 2),
+                           warm_up=False)
         return Roofline(bandwidth=self._gemv_bytes / gemv, flops=self._matmul_flops / matmul)
 

@@ -53,11 +53,12 @@ using meshserve::V16;
 // one burst per page they stalled it (measured 1.4-2x slower from DRAM).
 struct Prefetcher {
   const char* base = nullptr;
-  int64_t row_stride = 0, lines_per_row = 0, total = 0, next = 0, per_call = 0;
+  int64_t row_stride = 0, lines_per_row = 0, rows = 0, per_call = 0;
+  int64_t row = 0, line = 0;  // the next line to request
   inline void Step() {
-    for (int64_t i = 0; i < per_call && next < total; ++i, ++next) {
-      const int64_t row = next / lines_per_row, line = next % lines_per_row;
+    for (int64_t i = 0; i < per_call && row < rows; ++i) {
       __builtin_prefetch(base + row * row_stride + line * 64, 0, 1);  // 1: not into L1
+      if (++line == lines_per_row) line = 0, ++row;
     }
   }
 };
@@ -215,8 +216,9 @@ void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
                                               2 * h0 * D);
       pf.row_stride = stride * 4;
       pf.lines_per_row = (heads * 2 * D * 4 + 63) / 64;
-      pf.total = n * pf.lines_per_row;
-      pf.per_call = (pf.total + 2 * heads * n - 1) / (2 * heads * n);
+      pf.rows = n;
+      // Scores and Accumulate call Step once per key row each, for every head.
+      pf.per_call = (n * pf.lines_per_row + 2 * heads * n - 1) / (2 * heads * n);
     }
     for (int64_t i = 0; i < heads; ++i) {
       HeadState& st = states[i];
