@@ -125,9 +125,9 @@ def run(args: argparse.Namespace) -> dict:
     dtype = jnp.dtype(args.dtype)
     if backend == "cpu":
         print(
-            "NOTE: CPU backend - only the pure-JAX reference is timed. The Pallas kernels need "
-            "a TPU (Mosaic) or a GPU (Triton); interpret mode runs them on CPU but its timings "
-            "are meaningless, so kernel rows are marked 'unmeasured'.\n"
+            "NOTE: CPU backend - the reference and the C++ CPU kernel are timed. The Pallas "
+            "kernels need a TPU (Mosaic) or a GPU (Triton); interpret mode runs them on CPU but "
+            "its timings are meaningless, so their rows are marked 'unmeasured'.\n"
         )
     rows = []
     chosen = [
