@@ -99,7 +99,7 @@ class Scheduler:
             if victim is seq:
                 return False
         if need > 0:
-            seq.pages.extend(alloc.allocate(need))
+            seq.pages.extend(alloc.allocate(need, after=seq.pages[-1] if seq.pages else None))
         return True
 
     def _decode_steps(self, seq: Sequence) -> int:
