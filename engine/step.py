@@ -18,6 +18,7 @@ from engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
 from engine.sampler import SamplingBatch, sample
 from meshes import ShardingRules
 from models.loading import ShardedModel
+from pallas_kernels import row_reductions
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +75,12 @@ class StepFunctions:
         self._specs = specs
         self._num_top = num_top
         self._decode_steps = decode_steps
+        # The kernel where the packed matmul runs (one CPU device: GSPMD cannot partition a
+        # custom call), the reference elsewhere.
+        fast = model.packed and row_reductions.available()
+        self._argmax_log_norm = (
+            row_reductions.argmax_log_norm if fast else row_reductions.argmax_log_norm_reference
+        )
         self._mixed = jax.jit(self._mixed_impl, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
 
@@ -95,13 +102,14 @@ class StepFunctions:
         kv_lens,
         gen_index,
         first,
+        rope=None,
     ):
         module = nnx.merge(self.model.graphdef, params)
         attention = PagedAttention(
             kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs, self._specs
         )
         counts, seen = _record_tokens(counts, seen, inp, tokens, first)
-        hidden, kv = module.hidden(tokens, positions, kv, attention)
+        hidden, kv = module.hidden(tokens, positions, kv, attention, rope)
         last = jnp.maximum(inp.cu_q_lens[:, 1:] - 1, 0)
         rows = jnp.take_along_axis(hidden, last[..., None], axis=1)
         logits = module.logits(rows)
@@ -112,6 +120,7 @@ class StepFunctions:
             batch,
             lambda: (counts[data, inp.slot_ids], seen[data, inp.slot_ids]),
             self._num_top,
+            self._argmax_log_norm,
         )
         return kv, counts, seen, out
 
@@ -146,8 +155,12 @@ class StepFunctions:
             jnp.int32(0),
         )
 
+        module = nnx.merge(self.model.graphdef, params)
+
+        # The RoPE tables ride in the carry, each computed once per iteration: inside the
+        # model XLA would evaluate cos/sin again for every head of every layer.
         def body(carry):
-            i, kv, counts, seen, tokens, kv_lens, done, out = carry
+            i, kv, counts, seen, tokens, kv_lens, rope, done, out = carry
             kv, counts, seen, (tok, lp, top_ids, top_lp) = self._forward_sample(
                 params,
                 kv,
@@ -159,6 +172,7 @@ class StepFunctions:
                 kv_lens,
                 inp.sampling.gen_index + i,
                 i == 0,
+                rope,
             )
             stopped = jnp.any(tok[..., None] == inp.stop_ids, axis=-1)
             done = done | stopped | (i + 1 >= inp.remaining)
@@ -170,14 +184,15 @@ class StepFunctions:
                 out.top_logprobs.at[i].set(top_lp),
                 i + 1,
             )
-            return i + 1, kv, counts, seen, tok, kv_lens, done, out
+            return i + 1, kv, counts, seen, tok, kv_lens, module.rope(kv_lens - 1), done, out
 
         def cond(carry):
             i, *_, done, _ = carry
             return (i < k) & jnp.any(valid & ~done)
 
-        carry = (jnp.int32(0), kv, counts, seen, inp.tokens, inp.kv_lens, ~valid, outputs)
-        _, kv, counts, seen, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+        rope = module.rope(inp.kv_lens - 1)
+        carry = (jnp.int32(0), kv, counts, seen, inp.tokens, inp.kv_lens, rope, ~valid, outputs)
+        _, kv, counts, seen, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
         return (*self._pin_state(kv, counts, seen), out)
 
     def _pin_state(self, kv, counts, seen):

@@ -43,15 +43,23 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         cache: Sequence[Any],
         attention: AttentionFn,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, list[Any]]:
+        """rope: `self.rope(positions)` if the caller has it already. XLA fuses cos/sin
+        into every layer's RoPE and evaluates them there per head, so a decode loop that
+        computes them once per step outside this function saves that work."""
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
-        cos, sin = rope_cos_sin(positions, self._inv_freq())
+        cos, sin = self.rope(positions) if rope is None else rope
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, layer_cache = layer(x, cos, sin, layer_cache, attention)
             new_cache.append(layer_cache)
         return self.final_norm(x), new_cache
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """RoPE cos/sin tables for `positions` (shape positions.shape + [head_dim])."""
+        return rope_cos_sin(positions, self._inv_freq())
 
     def _inv_freq(self) -> jax.Array:
         # A trace-time constant, not a parameter: checkpoints never carry it.
