@@ -10,9 +10,12 @@ seeded request gives the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.row_reductions import argmax_log_norm_reference, first_argmax
 
 NEG_INF = -jnp.inf
 
@@ -37,15 +40,6 @@ class SamplingBatch:
     any_filter: jax.Array
     any_penalty: jax.Array
     any_logprobs: jax.Array
-
-
-def first_argmax(x: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (first index of the maximum) as two plain reductions:
-    XLA:CPU runs argmax's (value, index) reduction ~4x slower over a 32k vocabulary."""
-    vocab = x.shape[-1]
-    top = jnp.max(x, axis=-1, keepdims=True)
-    idx = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-    return jnp.minimum(idx, vocab - 1)  # a NaN row has no maximum: stay in the vocabulary
 
 
 def _row_keys(batch: SamplingBatch) -> jax.Array:
@@ -99,22 +93,26 @@ def _random_sample(logits, batch: SamplingBatch):
     )
 
 
-def sample(logits: jax.Array, batch: SamplingBatch, statistics, num_top: int):
+def sample(logits: jax.Array, batch: SamplingBatch, statistics, num_top: int,
+           argmax_log_norm: Callable = argmax_log_norm_reference):
     """logits [..., V] f32 → (tokens, chosen logprobs, top ids, top logprobs).
 
     Logprobs are the model's own (before penalties and temperature), as in vLLM.
     statistics() gives (counts, seen) rows like logits: how often each token was
     generated so far, and which tokens appeared in prompt or output. It is called only
     inside the penalty branch, so batches without penalties never gather them.
+    argmax_log_norm: pallas_kernels.row_reductions' kernel or its reference.
     """
     # Only the normaliser is needed for the chosen token; full log-probabilities only for
-    # top-n, inside its branch.
-    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    # top-n, inside its branch. The greedy token of unpenalised logits comes with it.
     raw = logits
-    logits = jax.lax.cond(
-        batch.any_penalty, lambda: _penalised(logits, batch, *statistics()), lambda: logits
-    )
-    greedy = first_argmax(logits)
+    raw_greedy, log_norm = argmax_log_norm(raw)
+
+    def penalised():
+        out = _penalised(raw, batch, *statistics())
+        return out, first_argmax(out)
+
+    logits, greedy = jax.lax.cond(batch.any_penalty, penalised, lambda: (raw, raw_greedy))
     random = jax.lax.cond(batch.any_random, lambda: _random_sample(logits, batch), lambda: greedy)
     tokens = jnp.where(batch.temperature > 0, random, greedy).astype(jnp.int32)
     chosen = jnp.take_along_axis(raw, tokens[..., None], axis=-1)[..., 0] - log_norm
