@@ -7,9 +7,6 @@ import pytest
 
 from pallas_kernels import row_reductions as rr
 
-pytestmark = pytest.mark.skipif(not rr.available(), reason="needs a C++ compiler")
-# (every CI machine has one: the packed matmul and attention tests need it as well)
-
 
 def _both(x):
     ref_idx, ref_norm = jax.jit(rr.argmax_log_norm_reference)(x)
