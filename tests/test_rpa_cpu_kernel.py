@@ -43,8 +43,9 @@ def test_cpu_kernel_matches_reference(name):
 
 @pytest.mark.parametrize(
     "heads,head_dim",
-    [((12, 4), 64), ((8, 8), 128), ((24, 2), 64), ((6, 2), 48), ((4, 1), 80)],
-    ids=["gqa3_d64", "mha_d128", "gqa12_generic_group", "d48_generic_dim", "mqa_d80"],
+    [((12, 4), 64), ((16, 4), 128), ((8, 8), 128), ((24, 2), 64), ((6, 2), 48), ((4, 1), 80)],
+    ids=["gqa3_d64", "gqa4_d128", "mha_d128", "gqa12_generic_group",
+         "d48_generic_dim", "mqa_d80"],
 )
 @pytest.mark.parametrize("seed", [31, 32, 33])
 def test_cpu_kernel_random_batches(heads, head_dim, seed):
