@@ -62,16 +62,21 @@ struct BlockRows {
   int64_t n = 0;
 };
 
+// Start of the row (all kv heads) of the key in slot `slot` of the sequence's page `col`,
+// clamping a corrupt page id instead of reading outside the pages.
+inline const float* KeyRow(const Problem& p, const int32_t* table, int64_t col,
+                           int64_t slot) {
+  const int64_t page = std::clamp<int64_t>(table[col], 0, p.num_pages - 1);
+  return p.pages + (page * p.page_size + slot) * 2 * p.num_kv_heads * p.head_dim;
+}
+
 void LocateKeys(const Problem& p, const int32_t* table, int64_t start, int64_t n,
                 BlockRows& b) {
   const int64_t stride = 2 * p.num_kv_heads * p.head_dim, PS = p.page_size;
   int64_t col = start / PS, slot = start % PS;
-  auto page_rows = [&](int64_t c) {
-    return p.pages + std::clamp<int64_t>(table[c], 0, p.num_pages - 1) * PS * stride;
-  };
-  const float* rows = page_rows(col);
+  const float* rows = KeyRow(p, table, col, 0);
   for (int64_t j = 0; j < n; ++j, ++slot) {
-    if (slot == PS) rows = page_rows(++col), slot = 0;
+    if (slot == PS) rows = KeyRow(p, table, ++col, 0), slot = 0;
     b.row[j] = rows + slot * stride;
   }
   b.n = n;
@@ -103,10 +108,7 @@ class Prefetcher {
 
  private:
   void Locate() {
-    const int64_t stride = 2 * p_.num_kv_heads * p_.head_dim;
-    const int64_t page = std::clamp<int64_t>(table_[col_], 0, p_.num_pages - 1);
-    row_ = reinterpret_cast<const char*>(p_.pages + (page * p_.page_size + slot_) * stride +
-                                         offset_);
+    row_ = reinterpret_cast<const char*>(KeyRow(p_, table_, col_, slot_) + offset_);
   }
   const Problem& p_;
   const int32_t* table_;

@@ -2,9 +2,9 @@
 //
 // A greedy batch needs both from the same [rows, vocab] logits: XLA:CPU runs them as
 // four passes over the vocabulary (max, sum of exp, max again, index of the max); this is
-// one pass for the maximum and one for the rest, a row per work item. Same results as
-// reference.py, non-finite logits included; sums in another order, so log-sum-exp may
-// differ from XLA's in the last bits.
+// one pass for the maximum and one for the rest, a row per work item. Same results as the
+// reference in ops.py, non-finite logits included; sums in another order, so log-sum-exp
+// may differ from XLA's in the last bits.
 //
 // Layouts: logits [R, V] f32; index [R] s32; log_norm [R] f32.
 
