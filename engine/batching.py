@@ -41,6 +41,7 @@ def build_inputs(
     reset = np.zeros((d, cfg.max_seqs), bool)
     stop_ids = np.full((d, s, cfg.max_stop_ids), -1, np.int32)
     remaining = np.ones((d, s), np.int32)
+    prev_row = np.full((d, s), -1, np.int32)
     f32 = lambda fill: np.full((d, s), fill, np.float32)  # noqa: E731
     temperature, top_p, min_p = f32(0.0), f32(1.0), f32(0.0)
     rep, pres, freq = f32(1.0), f32(0.0), f32(0.0)
@@ -53,8 +54,12 @@ def build_inputs(
         num_seqs[shard, 0] = len(rows)
         for i, item in enumerate(rows):
             seq, n = item.seq, item.num_new
-            start = seq.num_computed
-            if n == 1:
+            # A chained decode row runs after `ahead` tokens still on device: its input
+            # token comes from there (prev_row), the rest from what the host knows.
+            start = seq.num_computed + item.ahead
+            if item.prev_row >= 0:
+                prev_row[shard, i] = item.prev_row
+            elif n == 1:
                 tokens[shard, offset] = seq.token(start)
             else:
                 tokens[shard, offset : offset + n] = (seq.prompt_ids + seq.output_ids)[
@@ -70,7 +75,7 @@ def build_inputs(
             kv_lens[shard, i] = start + n
             pages[shard, i, : len(seq.pages)] = seq.pages
             slot_ids[shard, i] = seq.slot
-            if seq.fresh_slot:
+            if seq.fresh_slot and not item.ahead:
                 reset[shard, seq.slot] = True
             ids = seq.stop_ids[: cfg.max_stop_ids]
             stop_ids[shard, i, : len(ids)] = ids
@@ -89,7 +94,7 @@ def build_inputs(
             )
             seed_lo[shard, i] = seq.seed & 0xFFFFFFFF
             seed_hi[shard, i] = (seq.seed >> 32) & 0xFFFFFFFF
-            gen_index[shard, i] = len(seq.output_ids)
+            gen_index[shard, i] = len(seq.output_ids) + item.ahead
             any_logprobs |= p.logprobs > 0
         cu[shard, len(rows) + 1 :] = offset
     live = temperature > 0
@@ -122,5 +127,6 @@ def build_inputs(
         reset_slots=reset,
         stop_ids=stop_ids,
         remaining=remaining,
+        prev_row=prev_row,
         sampling=sampling,
     )

@@ -31,6 +31,9 @@ class EngineConfig:
     max_step_tokens: int = 512
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     decode_steps: int = 8  # decode iterations per compiled loop before returning to host
+    # Launch the next decode loop before reading this one's results (engine.Engine.step):
+    # rows that stop in this loop are dropped when its results come.
+    overlap_decode: bool = True
     max_logprobs: int = 8
     max_stop_ids: int = 8  # EOS ids + stop_token_ids checked on device
     max_waiting_requests: int = 1024

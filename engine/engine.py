@@ -115,6 +115,11 @@ class Engine:
         self._seeds = random.Random(cfg.seed)
         self._finished = 0
         self._thread: threading.Thread | None = None
+        # A decode call launched behind the running one, with its plan (see `_chain`).
+        self._chained: tuple[StepPlan, StepOutputs] | None = None
+        # Chain decode calls (one process only: a multi-host follower runs what it is sent).
+        self.overlap = cfg.overlap_decode
+        self._chained_calls = 0
         self._stopping = False
         self.error: str | None = None
 
@@ -211,6 +216,7 @@ class Engine:
             running_tokens=sum(q.num_tokens for q in running),
             finished=self._finished,
             compiles=self.compiles,
+            chained_calls=self._chained_calls,
         )
 
     def start(self) -> Engine:
@@ -249,6 +255,7 @@ class Engine:
                     and not self._aborts
                     and not self.scheduler.num_running
                     and not self.scheduler.waiting
+                    and self._chained is None
                 ):
                     self._lock.wait()
                 if self._stopping:
@@ -273,23 +280,44 @@ class Engine:
                 self._emit(entry[0], entry[1])
 
     def step(self) -> bool:
-        """One scheduling decision and one device call. False when there is no work."""
+        """Read the results of one device call (launching it first unless it was chained
+        behind the previous one). False when there is no work."""
         self._drain_inbox()
-        plan = self.scheduler.schedule()
-        if plan.empty:
-            return False
-        now = time.monotonic()
-        for rows in plan.shards:
-            for item in rows:
-                item.seq.first_scheduled = item.seq.first_scheduled or now
-        inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
-        pending = self.launch(inputs, plan.decode)
+        if self._chained is None:
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                return False
+            now = time.monotonic()
+            for rows in plan.shards:
+                for item in rows:
+                    item.seq.first_scheduled = item.seq.first_scheduled or now
+            inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
+            pending = self.launch(inputs, plan.decode)
+        else:
+            (plan, pending), self._chained = self._chained, None
         # The device runs asynchronously: take in requests that arrived meanwhile now, so
-        # the next schedule() finds them queued. (Aborts of sequences in this step are
-        # safe: their pages are only reused by a later step, ordered after this one.)
+        # the next schedule() finds them queued. (Aborts of sequences in this call are
+        # safe: their pages are only reused by a later call, ordered after this one.)
         self._drain_inbox()
+        if self.overlap:
+            self._chain(plan, pending)
         self._apply(plan, jax.device_get(pending))  # the one host sync per call
         return True
+
+    def _chain(self, plan: StepPlan, pending: StepOutputs) -> None:
+        """Plan and launch the decode call after `plan` before reading its results, so the
+        host's planning, input transfer and result handling overlap device work."""
+        nxt = self.scheduler.plan_after(plan)
+        if nxt is None:
+            return
+        seqs = pending.stopped.shape[1]  # the same bucket: the rows continue by index
+        inputs = build_inputs(nxt, self.config, self.pages_per_seq, 0, seqs, seqs)
+        self._kv, self._counts, self._seen, out = self._fns.run(
+            self._kv, self._counts, self._seen, self._put(inputs), True,
+            (pending.last_tokens, pending.stopped),
+        )
+        self._chained = (nxt, out)
+        self._chained_calls += 1
 
     def launch(self, inputs: StepInputs, decode: bool) -> StepOutputs:
         """The device half of a step: host arrays in, device arrays out (asynchronously).

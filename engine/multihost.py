@@ -132,6 +132,7 @@ class MultiHostEngine(Engine):
                  compile_timeout: float = 900.0,
                  on_failure: Callable[[str], None] | None = None):
         super().__init__(model, config, tokenizer, attention_impl)
+        self.overlap = False  # followers run exactly the calls the leader sends
         self._gather = jax.jit(lambda out: out,
                                out_shardings=model.rules.replicated_sharding())
         self._link = link

@@ -54,3 +54,4 @@ class EngineStats:
     running_tokens: int
     finished: int
     compiles: int
+    chained_calls: int = 0  # decode calls launched before the previous call's results

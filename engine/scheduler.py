@@ -22,6 +22,10 @@ class Scheduled:
     num_new: int  # tokens fed this step (decode loop: 1 per iteration)
     sample: bool  # the token sampled after them is kept
     max_steps: int = 1  # decode loop: iterations this row may run
+    # Chained decode (planned while the previous call runs): tokens that call adds before
+    # this one starts, and the row of its outputs this row continues (-1: not chained).
+    ahead: int = 0
+    prev_row: int = -1
 
 
 @dataclasses.dataclass
@@ -143,6 +147,43 @@ class Scheduler:
                 if self._ensure_pages(shard, seq, seq.num_tokens + steps - 1):
                     plan.append(Scheduled(seq, 1, True, steps))
             shards.append([p for p in plan if p.seq.status is Status.RUNNING])
+        return StepPlan(decode=True, shards=shards)
+
+    def plan_after(self, plan: StepPlan) -> StepPlan | None:
+        """The decode call to run right after `plan` (a decode call whose results are not
+        read yet), or None. A row continues only if it may run all of `plan`'s iterations:
+        a row that stops early there starts stopped (on device); one that ends on the host
+        (stop string, abort) is dropped when the results come. No admissions (nothing may
+        wait) and no preemptions (pages must be free)."""
+        k = self.cfg.decode_steps
+        if not plan.decode or self.waiting or k < 2:
+            return None
+        rows: list[list[tuple[int, Sequence, int]]] = []
+        for shard, items in enumerate(plan.shards):
+            keep = []
+            for row, item in enumerate(items):
+                seq = item.seq
+                if seq.status is not Status.RUNNING or item.max_steps < k:
+                    continue
+                steps = min(k, seq.remaining_output - k, self.max_model_len - seq.num_tokens - k)
+                if steps > 0:
+                    keep.append((row, seq, steps))
+            need = sum(
+                max(0, self.pages_for(seq.num_tokens + k + steps - 1) - len(seq.pages))
+                for _, seq, steps in keep
+            )
+            if need > self.allocators[shard].free:
+                return None
+            rows.append(keep)
+        if not any(rows):
+            return None
+        shards = []
+        for shard, keep in enumerate(rows):
+            for _, seq, steps in keep:
+                self._ensure_pages(shard, seq, seq.num_tokens + k + steps - 1)  # free: checked
+            shards.append(
+                [Scheduled(seq, 1, True, steps, ahead=k, prev_row=row) for row, seq, steps in keep]
+            )
         return StepPlan(decode=True, shards=shards)
 
     def _plan_mixed(self, budgets: list[int]) -> StepPlan:

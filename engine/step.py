@@ -7,10 +7,10 @@ every batch composition. The KV cache and the per-slot token statistics are dona
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from engine.packing import model_context
@@ -38,6 +38,9 @@ class StepInputs:
     reset_slots: jax.Array  # [D, max_seqs] bool: clear statistics of newly admitted slots
     stop_ids: jax.Array  # [D, S, max_stop_ids] (-1 padding)
     remaining: jax.Array  # [D, S] tokens this row may still produce in this call
+    # Decode loop chained behind the previous one (planned before its results were read):
+    # the row of that call's outputs whose last token this row feeds, else -1.
+    prev_row: jax.Array  # [D, S] i32
     sampling: SamplingBatch
 
 
@@ -49,6 +52,8 @@ class StepOutputs:
     top_ids: jax.Array  # [K, D, S, N]
     top_logprobs: jax.Array  # [K, D, S, N]
     steps: jax.Array  # scalar: iterations actually run
+    last_tokens: jax.Array  # [D, S] each row's last sampled token (what a chained call feeds)
+    stopped: jax.Array  # [D, S] the row met a stop id (or was padding, or started stopped)
 
 
 def _record_tokens(counts, seen, inp: StepInputs, tokens, first):
@@ -83,6 +88,7 @@ class StepFunctions:
         )
         self._mixed = jax.jit(self._mixed_impl, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
+        self._zeros: dict[tuple, tuple[jax.Array, jax.Array]] = {}
 
     @property
     def compiles(self) -> int:
@@ -137,22 +143,39 @@ class StepFunctions:
             inp.sampling.gen_index,
             True,
         )
-        out = StepOutputs(tok[None], lp[None], top_ids[None], top_lp[None], jnp.int32(1))
-        return (*self._pin_state(kv, counts, seen), out)
+        stopped = jnp.ones(tok.shape, bool)  # a mixed step is never chained on
+        out = StepOutputs(
+            tok[None], lp[None], top_ids[None], top_lp[None], jnp.int32(1), tok, stopped
+        )
+        return (*self._pin_state(kv, counts, seen), self._pin_rows(out))
 
-    def _decode_impl(self, params, kv, counts, seen, inp: StepInputs):
+    def _decode_impl(
+        self, params, kv, counts, seen, inp: StepInputs, prev_tokens, prev_stopped
+    ):
         """Up to K decode steps; a row stops at a stop id or after `remaining` tokens, and
-        from then on rewrites its own last slot so it never touches pages it lacks."""
+        from then on rewrites its own last slot so it never touches pages it lacks.
+
+        A chained row (prev_row >= 0) feeds the last token of that row of the previous
+        call (`prev_tokens`, on device) and starts stopped if that row met a stop id there.
+        (A row that only used up its `remaining` is not chained on: the host knows it ends.)"""
         k = self._decode_steps
         d, s = inp.kv_lens.shape
         n = self._num_top
         valid = jnp.arange(s)[None, :] < inp.num_seqs
+        chained = inp.prev_row >= 0
+        src = jnp.maximum(inp.prev_row, 0)
+        tokens = jnp.where(
+            chained, jnp.take_along_axis(prev_tokens, src, axis=1), inp.tokens[:, :s]
+        )
+        stopped_before = chained & jnp.take_along_axis(prev_stopped, src, axis=1)
         outputs = StepOutputs(
             jnp.zeros((k, d, s), jnp.int32),
             jnp.zeros((k, d, s), jnp.float32),
             jnp.zeros((k, d, s, n), jnp.int32),
             jnp.zeros((k, d, s, n), jnp.float32),
             jnp.int32(0),
+            tokens,
+            ~valid | stopped_before,
         )
 
         module = nnx.merge(self.model.graphdef, params)
@@ -183,6 +206,8 @@ class StepFunctions:
                 out.top_ids.at[i].set(top_ids),
                 out.top_logprobs.at[i].set(top_lp),
                 i + 1,
+                tok,
+                out.stopped | stopped,
             )
             return i + 1, kv, counts, seen, tok, kv_lens, module.rope(kv_lens - 1), done, out
 
@@ -191,9 +216,10 @@ class StepFunctions:
             return (i < k) & jnp.any(valid & ~done)
 
         rope = module.rope(inp.kv_lens - 1)
-        carry = (jnp.int32(0), kv, counts, seen, inp.tokens, inp.kv_lens, rope, ~valid, outputs)
+        done = outputs.stopped
+        carry = (jnp.int32(0), kv, counts, seen, tokens, inp.kv_lens, rope, done, outputs)
         _, kv, counts, seen, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
-        return (*self._pin_state(kv, counts, seen), out)
+        return (*self._pin_state(kv, counts, seen), self._pin_rows(out))
 
     def _pin_state(self, kv, counts, seen):
         """Return the donated state in exactly the shardings it was created with: else
@@ -203,7 +229,40 @@ class StepFunctions:
         stats = ("cache_batch", None, None)
         return kv, self.rules.constrain(counts, stats), self.rules.constrain(seen, stats)
 
-    def run(self, kv, counts, seen, inp: StepInputs, decode: bool):
-        fn: Callable = self._decode if decode else self._mixed
+    def _pin_rows(self, out: StepOutputs) -> StepOutputs:
+        """Per-row outputs in the shardings of host-placed [data, seqs] inputs, so a call
+        chained on them compiles the same program as one fed from the host."""
+        rows = ("batch", None)
+        return dataclasses.replace(
+            out,
+            last_tokens=self.rules.constrain(out.last_tokens, rows),
+            stopped=self.rules.constrain(out.stopped, rows),
+        )
+
+    def run(self, kv, counts, seen, inp: StepInputs, decode: bool, prev=None):
+        """One call. `prev` (decode only): the previous call's (last_tokens, stopped), which
+        rows with prev_row >= 0 continue from; None when no row does."""
         with model_context(self.model):
-            return fn(self.model.params, kv, counts, seen, inp)
+            if not decode:
+                return self._mixed(self.model.params, kv, counts, seen, inp)
+            prev_tokens, prev_stopped = prev if prev is not None else self._no_prev(inp)
+            return self._decode(
+                self.model.params, kv, counts, seen, inp, prev_tokens, prev_stopped
+            )
+
+    def lower(self, kv, counts, seen, inp: StepInputs, decode: bool) -> jax.stages.Lowered:
+        """The program `run` executes for these arguments, lowered (to inspect it)."""
+        with model_context(self.model):
+            if not decode:
+                return self._mixed.lower(self.model.params, kv, counts, seen, inp)
+            return self._decode.lower(self.model.params, kv, counts, seen, inp, *self._no_prev(inp))
+
+    def _no_prev(self, inp: StepInputs):
+        shape = np.shape(inp.kv_lens)
+        if shape not in self._zeros:
+            sharding = self.rules.sharding(("batch", None), shape)
+            self._zeros[shape] = (
+                jax.device_put(np.zeros(shape, np.int32), sharding),
+                jax.device_put(np.zeros(shape, bool), sharding),
+            )
+        return self._zeros[shape]

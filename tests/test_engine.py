@@ -10,7 +10,12 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.dense import DenseGenerator
+from engine.engine import Engine
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from meshes import make_mesh, parse_layout
+from models.demo import train_demo_tokenizer
+from models.loading import load_checkpoint
+from models.tokenizer import Tokenizer
 from tests import hf_models
 from tests.engine_fixtures import SMALL, assert_idle, make_engine, tokens_of
 
@@ -29,9 +34,6 @@ def engine(request, checkpoint_dir):
 @pytest.fixture(scope="module")
 def alone(checkpoint_dir):
     """Greedy outputs of each prompt run alone (dense path), computed once."""
-    from meshes import make_mesh, parse_layout
-    from models.loading import load_checkpoint
-
     gen = DenseGenerator(load_checkpoint(checkpoint_dir("llama"), make_mesh(parse_layout(""))))
     return [gen.generate(p, GREEDY.max_tokens).token_ids for p in PROMPTS]
 
@@ -91,6 +93,70 @@ def test_abort_mid_generation_frees_pages_at_once(engine):
     assert_idle(engine)
 
 
+def test_abort_while_a_chained_call_runs(engine, alone):
+    keep = engine.add_request(PROMPTS[5], GREEDY)
+    drop = engine.add_request(PROMPTS[6], SamplingParams(max_tokens=200, ignore_eos=True))
+    chained = engine.stats().chained_calls
+    while engine.stats().chained_calls == chained:  # until a call waits behind another
+        assert engine.step()
+    free = engine.stats().free_pages
+    assert engine.abort(drop.request_id)
+    assert engine.step()  # reads a call, drops the aborted row, launches the next
+    assert engine.stats().free_pages > free and engine.stats().running == 1
+    chunks = list(drop)
+    assert chunks[-1].finish_reason == "abort" and 0 < len(tokens_of(chunks)) < 200
+    while engine.step():
+        pass
+    assert tokens_of(list(keep)) == alone[5]
+    assert_idle(engine)
+
+
+def _top_logprobs(chunks) -> list[tuple[int, float]]:
+    return [t for c in chunks for lp in c.logprobs for t in ((lp.token_id, lp.logprob), *lp.top)]
+
+
+@pytest.mark.parametrize("layout", ["", "data=2,tensor=2"])
+def test_chained_decode_calls_change_no_output(checkpoint_dir, tmp_path, layout):
+    """Decode calls launched before the previous call's results are read give what calls
+    launched one at a time give, with requests ending inside a call in every way."""
+    tok_path = tmp_path / "tokenizer.model"  # text for stop strings (ids < 256 decode)
+    tok_path.write_bytes(train_demo_tokenizer())
+    model = load_checkpoint(checkpoint_dir("llama"), make_mesh(parse_layout(layout)))
+    tokenizer = Tokenizer(str(tok_path), model.config)
+    off = Engine(model, dataclasses.replace(SMALL, overlap_decode=False), tokenizer)
+    on = Engine(model, SMALL, tokenizer)
+    [ref] = off.generate([PROMPTS[3]], SamplingParams(max_tokens=30, ignore_eos=True))
+    ref_ids, ref_text = tokens_of(ref), "".join(c.text for c in ref)
+    near_end = on.max_model_len - 10
+    requests = [
+        (PROMPTS[3], SamplingParams(max_tokens=30, ignore_eos=True)),
+        (PROMPTS[4], SamplingParams(max_tokens=23, ignore_eos=True)),  # ends mid-call
+        (PROMPTS[3], SamplingParams(max_tokens=30, stop_token_ids=(ref_ids[9],))),
+        (PROMPTS[3], SamplingParams(max_tokens=30, stop=(ref_text[len(ref_text) // 2:][:3],))),
+        (PROMPTS[7], SamplingParams(max_tokens=27, temperature=0.8, top_p=0.9, seed=3,
+                                    repetition_penalty=1.2, presence_penalty=0.5,
+                                    logprobs=2, ignore_eos=True)),
+        ([5] * near_end, SamplingParams(max_tokens=10, ignore_eos=True)),  # model length
+    ]
+    prompts, params = zip(*requests, strict=True)
+    want = off.generate(prompts, params)
+    got = on.generate(prompts, params)
+    assert on.stats().chained_calls > 0 and off.stats().chained_calls == 0
+    for a, b in zip(got, want, strict=True):
+        assert tokens_of(a) == tokens_of(b)
+        assert "".join(c.text for c in a) == "".join(c.text for c in b)
+        assert a[-1].finish_reason == b[-1].finish_reason
+        top_a, top_b = _top_logprobs(a), _top_logprobs(b)
+        assert [i for i, _ in top_a] == [i for i, _ in top_b]
+        assert [p for _, p in top_a] == pytest.approx([p for _, p in top_b], abs=1e-4)
+    reasons = [w[-1].finish_reason for w in want]
+    assert reasons == ["length", "length", "stop", "stop", "length", "length"]
+    assert len(tokens_of(want[1])) == 23
+    assert len(tokens_of(want[2])) == ref_ids.index(ref_ids[9]) + 1
+    for e in (on, off):
+        assert_idle(e)
+
+
 def test_stops_eos_stop_ids_and_model_length(engine, alone):
     target = alone[3]
     stop_tok = target[5]
@@ -147,6 +213,7 @@ def test_no_recompiles_after_warmup_for_random_streams(checkpoint_dir, layout):
     while engine.step():
         pass
     assert engine.compiles == warm
+    assert engine.stats().chained_calls > 0  # calls chained on device outputs compile nothing
     assert all(list(h)[-1].finished for h in handles)
     assert_idle(engine)
 

@@ -211,7 +211,7 @@ def test_step_watchdog_fails_the_engine_when_a_step_never_finishes(checkpoint_di
                              on_failure=failures.append)
     zeros = StepOutputs(jnp.zeros((1, 1, 8), jnp.int32), jnp.zeros((1, 1, 8)),
                         jnp.zeros((1, 1, 8, 4), jnp.int32), jnp.zeros((1, 1, 8, 4)),
-                        jnp.int32(1))
+                        jnp.int32(1), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), bool))
     monkeypatch.setattr(Engine, "launch", lambda self, inputs, decode: zeros)
     inputs = empty_step(engine)
     engine.launch(inputs, False)

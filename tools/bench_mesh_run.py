@@ -159,7 +159,6 @@ def decode_hlo(engine: Engine, seqs: int) -> str:
     from engine.batching import build_inputs
     from engine.config import bucket
     from engine.scheduler import StepPlan
-    from meshes import use_rules
 
     cfg = engine.config
     s = bucket(seqs, cfg.seq_buckets())
@@ -168,10 +167,7 @@ def decode_hlo(engine: Engine, seqs: int) -> str:
     t = s if loop else bucket(s, cfg.token_buckets())
     plan = StepPlan(decode=loop, shards=[[] for _ in range(engine.data_shards)])
     inputs = engine._put(build_inputs(plan, cfg, engine.pages_per_seq, 0, t, s))
-    fn = engine._fns._decode if loop else engine._fns._mixed
-    with use_rules(engine.model.rules):
-        lowered = fn.lower(engine.model.params, engine._kv, engine._counts, engine._seen,
-                           inputs)
+    lowered = engine._fns.lower(engine._kv, engine._counts, engine._seen, inputs, loop)
     return lowered.compile().as_text()
 
 
