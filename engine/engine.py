@@ -312,11 +312,7 @@ class Engine:
             return
         seqs = pending.stopped.shape[1]  # the same bucket: the rows continue by index
         inputs = build_inputs(nxt, self.config, self.pages_per_seq, 0, seqs, seqs)
-        self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), True,
-            (pending.last_tokens, pending.stopped),
-        )
-        self._chained = (nxt, out)
+        self._chained = (nxt, self._run(inputs, True, (pending.last_tokens, pending.stopped)))
         self._chained_calls += 1
 
     def launch(self, inputs: StepInputs, decode: bool) -> StepOutputs:
@@ -325,8 +321,12 @@ class Engine:
         Everything that decides *what* runs happens before this on the host; a multi-host
         leader sends `inputs` to its followers, which call this same method.
         """
+        return self._run(inputs, decode)
+
+    def _run(self, inputs: StepInputs, decode: bool, prev=None) -> StepOutputs:
+        """Launch one call on the engine's state (StepFunctions.run says what `prev` is)."""
         self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), decode
+            self._kv, self._counts, self._seen, self._put(inputs), decode, prev
         )
         return out
 

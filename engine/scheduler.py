@@ -106,11 +106,14 @@ class Scheduler:
             seq.pages.extend(alloc.allocate(need, after=seq.pages[-1] if seq.pages else None))
         return True
 
-    def _decode_steps(self, seq: Sequence) -> int:
-        # Each iteration yields one token; the last one may sit at max_model_len - 1.
-        return max(
-            0, min(self.cfg.decode_steps, seq.remaining_output, self.max_model_len - seq.num_tokens)
-        )
+    def _decode_steps(self, seq: Sequence, ahead: int = 0) -> int:
+        """Iterations `seq` may run once `ahead` more of its tokens are out. Each iteration
+        yields one token; the last one may sit at max_model_len - 1."""
+        return max(0, min(
+            self.cfg.decode_steps,
+            seq.remaining_output - ahead,
+            self.max_model_len - seq.num_tokens - ahead,
+        ))
 
     def _admissible_shard(self, seq: Sequence, budgets: list[int]) -> int | None:
         best = None
@@ -165,7 +168,7 @@ class Scheduler:
                 seq = item.seq
                 if seq.status is not Status.RUNNING or item.max_steps < k:
                     continue
-                steps = min(k, seq.remaining_output - k, self.max_model_len - seq.num_tokens - k)
+                steps = self._decode_steps(seq, ahead=k)
                 if steps > 0:
                     keep.append((row, seq, steps))
             need = sum(

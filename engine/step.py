@@ -242,20 +242,21 @@ class StepFunctions:
     def run(self, kv, counts, seen, inp: StepInputs, decode: bool, prev=None):
         """One call. `prev` (decode only): the previous call's (last_tokens, stopped), which
         rows with prev_row >= 0 continue from; None when no row does."""
+        fn, args = self._call(kv, counts, seen, inp, decode, prev)
         with model_context(self.model):
-            if not decode:
-                return self._mixed(self.model.params, kv, counts, seen, inp)
-            prev_tokens, prev_stopped = prev if prev is not None else self._no_prev(inp)
-            return self._decode(
-                self.model.params, kv, counts, seen, inp, prev_tokens, prev_stopped
-            )
+            return fn(*args)
 
     def lower(self, kv, counts, seen, inp: StepInputs, decode: bool) -> jax.stages.Lowered:
         """The program `run` executes for these arguments, lowered (to inspect it)."""
+        fn, args = self._call(kv, counts, seen, inp, decode, None)
         with model_context(self.model):
-            if not decode:
-                return self._mixed.lower(self.model.params, kv, counts, seen, inp)
-            return self._decode.lower(self.model.params, kv, counts, seen, inp, *self._no_prev(inp))
+            return fn.lower(*args)
+
+    def _call(self, kv, counts, seen, inp: StepInputs, decode: bool, prev):
+        if not decode:
+            return self._mixed, (self.model.params, kv, counts, seen, inp)
+        prev = prev if prev is not None else self._no_prev(inp)
+        return self._decode, (self.model.params, kv, counts, seen, inp, *prev)
 
     def _no_prev(self, inp: StepInputs):
         shape = np.shape(inp.kv_lens)
