@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.config import EngineConfig, bucket
-from engine.sampler import SamplingBatch
-from engine.scheduler import StepPlan
-from engine.step import StepInputs
+from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.sampler import SamplingBatch
+from meshserve.engine.scheduler import StepPlan
+from meshserve.engine.step import StepInputs
 
 
 def build_inputs(

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine.packing import model_context
-from models.dense_attention import DenseAttention, init_dense_cache
-from models.loading import ShardedModel
+from meshserve.meshes import use_rules
+from meshserve.models.dense_attention import DenseAttention, init_dense_cache
+from meshserve.models.layers import Matmul, plain_matmul
+from meshserve.models.loading import ShardedModel
 
 
 def _bucket(n: int, minimum: int = 8) -> int:
@@ -34,14 +35,15 @@ class Generation:
 class DenseGenerator:
     """Prefill and token-by-token decode of one right-padded batch."""
 
-    def __init__(self, model: ShardedModel):
+    def __init__(self, model: ShardedModel, matmul: Matmul = plain_matmul):
+        """matmul: the projection matmul `model`'s weights were placed for."""
         self.model = model
         self._windows = model.config.sliding_windows
 
         def forward(params, tokens, positions, cache):
             module = nnx.merge(model.graphdef, params)
             attention = DenseAttention(positions, self._windows)
-            return module(tokens, positions, cache, attention)
+            return module(tokens, positions, cache, attention, matmul)
 
         self._forward = jax.jit(forward, donate_argnums=(3,))
         self._new_cache = jax.jit(
@@ -50,7 +52,7 @@ class DenseGenerator:
         )
 
     def _run(self, fn, *args):
-        with model_context(self.model):
+        with use_rules(self.model.rules):
             return fn(*args)
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:

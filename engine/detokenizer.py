@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from models.tokenizer import Tokenizer
+from meshserve.models.tokenizer import Tokenizer
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded as context so leading spaces come out right
 

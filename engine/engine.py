@@ -18,19 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.batching import build_inputs
-from engine.config import EngineConfig, bucket
-from engine.detokenizer import IncrementalDetokenizer
-from engine.handle import RequestHandle
-from engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
-from engine.packing import pack_weights, packing_applies
-from engine.paged_attention import AttentionSpecs, init_paged_cache
-from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import Scheduler, StepPlan
-from engine.sequence import Sequence, Status
-from engine.step import StepFunctions, StepInputs, StepOutputs
-from models.loading import ShardedModel, memory_plan
-from models.tokenizer import Tokenizer
+from meshserve.engine.batching import build_inputs
+from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.detokenizer import IncrementalDetokenizer
+from meshserve.engine.handle import RequestHandle
+from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
+from meshserve.engine.packing import pack_weights, packing_applies
+from meshserve.engine.paged_attention import AttentionSpecs, init_paged_cache
+from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from meshserve.engine.scheduler import Scheduler, StepPlan
+from meshserve.engine.sequence import Sequence, Status
+from meshserve.engine.step import StepFunctions, StepInputs, StepOutputs
+from meshserve.models.layers import Matmul, plain_matmul
+from meshserve.models.loading import ShardedModel, memory_plan
+from meshserve.models.tokenizer import Tokenizer
 
 __all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "RequestHandle"]
 
@@ -83,8 +84,10 @@ class Engine:
         attention_impl: str | None = None,
     ):
         self.config = cfg = config or EngineConfig()
+        self.matmul: Matmul = plain_matmul
         if cfg.pack_weights and packing_applies(model):
-            model = pack_weights(model)  # a copy: drop the caller's model to free its memory
+            # A copy: the caller drops its model to free the memory.
+            model, self.matmul = pack_weights(model)
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
@@ -106,7 +109,7 @@ class Engine:
         )()
         self._seen = jax.jit(lambda: jnp.zeros(stats_shape, bool), out_shardings=stats_sharding)()
         specs = AttentionSpecs.create(rules, mc, attention_impl)
-        self._fns = StepFunctions(model, specs, cfg.max_logprobs, cfg.decode_steps)
+        self._fns = StepFunctions(model, specs, cfg.max_logprobs, cfg.decode_steps, self.matmul)
         self.scheduler = Scheduler(cfg, self.data_shards, self.num_pages, self.max_model_len)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []

@@ -7,7 +7,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from engine.outputs import StreamChunk
+from meshserve.engine.outputs import StreamChunk
 
 
 class RequestHandle:

@@ -39,12 +39,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from engine.batching import build_inputs
-from engine.config import EngineConfig
-from engine.engine import Engine, EngineDeadError, plan_num_pages
-from engine.scheduler import StepPlan
-from engine.step import StepInputs, StepOutputs
-from engine.step_channel import (
+from meshserve.engine.batching import build_inputs
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.engine import Engine, EngineDeadError, plan_num_pages
+from meshserve.engine.scheduler import StepPlan
+from meshserve.engine.step import StepInputs, StepOutputs
+from meshserve.engine.step_channel import (
     ChannelClosed,
     ChannelError,
     FollowerLink,
@@ -53,8 +53,8 @@ from engine.step_channel import (
     pack_array,
     unpack_array,
 )
-from meshes.distributed import EXIT_GROUP_FAILED, exit_now
-from models.loading import ShardedModel
+from meshserve.meshes.distributed import EXIT_GROUP_FAILED, exit_now
+from meshserve.models.loading import ShardedModel
 
 STEP_DTYPES = ("bool", "int32", "uint32", "float32")
 Log = Callable[..., None]

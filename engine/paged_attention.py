@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from meshes import ShardingRules
-from models.config import ModelConfig
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
+from meshserve.meshes import ShardingRules
+from meshserve.models.config import ModelConfig
+from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
 
 # Pages of all data shards in one axis: shard d owns rows [d*N, (d+1)*N) and its page
 # tables hold local ids. Each device then sees exactly the [N, ...] array the kernels

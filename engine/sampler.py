@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.row_reductions import argmax_log_norm_reference, first_argmax
+from meshserve.pallas_kernels.row_reductions import argmax_log_norm_reference, first_argmax
 
 NEG_INF = -jnp.inf
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from engine.config import EngineConfig
-from engine.pages import PageAllocator
-from engine.sequence import Sequence, Status
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.pages import PageAllocator
+from meshserve.engine.sequence import Sequence, Status
 
 
 @dataclasses.dataclass

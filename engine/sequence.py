@@ -6,8 +6,8 @@ import dataclasses
 import enum
 import time
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from meshserve.engine.detokenizer import IncrementalDetokenizer
+from meshserve.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

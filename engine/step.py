@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine.packing import model_context
-from engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
-from engine.sampler import SamplingBatch, sample
-from meshes import ShardingRules
-from models.loading import ShardedModel
-from pallas_kernels import row_reductions
+from meshserve.engine.packing import single_cpu_device
+from meshserve.engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
+from meshserve.engine.sampler import SamplingBatch, sample
+from meshserve.meshes import ShardingRules, use_rules
+from meshserve.models.layers import Matmul, plain_matmul
+from meshserve.models.loading import ShardedModel
+from meshserve.pallas_kernels import row_reductions
 
 
 @jax.tree_util.register_dataclass
@@ -74,15 +75,23 @@ def _record_tokens(counts, seen, inp: StepInputs, tokens, first):
 class StepFunctions:
     """Jitted step and decode loop for one model on one mesh, with a compile counter."""
 
-    def __init__(self, model: ShardedModel, specs: AttentionSpecs, num_top: int, decode_steps: int):
+    def __init__(
+        self,
+        model: ShardedModel,
+        specs: AttentionSpecs,
+        num_top: int,
+        decode_steps: int,
+        matmul: Matmul = plain_matmul,
+    ):
         self.model = model
+        self._matmul = matmul
         self.rules: ShardingRules = model.rules
         self._specs = specs
         self._num_top = num_top
         self._decode_steps = decode_steps
-        # The kernel where the packed matmul runs (one CPU device: GSPMD cannot partition a
-        # custom call), the reference elsewhere.
-        fast = model.packed and row_reductions.available()
+        # The CPU kernel on one CPU device (GSPMD cannot partition a custom call), the
+        # reference elsewhere.
+        fast = single_cpu_device(model.rules.mesh) and row_reductions.available()
         self._argmax_log_norm = (
             row_reductions.argmax_log_norm if fast else row_reductions.argmax_log_norm_reference
         )
@@ -115,10 +124,10 @@ class StepFunctions:
             kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs, self._specs
         )
         counts, seen = _record_tokens(counts, seen, inp, tokens, first)
-        hidden, kv = module.hidden(tokens, positions, kv, attention, rope)
+        hidden, kv = module.hidden(tokens, positions, kv, attention, rope, self._matmul)
         last = jnp.maximum(inp.cu_q_lens[:, 1:] - 1, 0)
         rows = jnp.take_along_axis(hidden, last[..., None], axis=1)
-        logits = module.logits(rows)
+        logits = module.logits(rows, self._matmul)
         data = jnp.arange(counts.shape[0])[:, None]
         batch = dataclasses.replace(inp.sampling, gen_index=gen_index)
         out = sample(
@@ -243,13 +252,13 @@ class StepFunctions:
         """One call. `prev` (decode only): the previous call's (last_tokens, stopped), which
         rows with prev_row >= 0 continue from; None when no row does."""
         fn, args = self._call(kv, counts, seen, inp, decode, prev)
-        with model_context(self.model):
+        with use_rules(self.rules):
             return fn(*args)
 
     def lower(self, kv, counts, seen, inp: StepInputs, decode: bool) -> jax.stages.Lowered:
         """The program `run` executes for these arguments, lowered (to inspect it)."""
         fn, args = self._call(kv, counts, seen, inp, decode, None)
-        with model_context(self.model):
+        with use_rules(self.rules):
             return fn.lower(*args)
 
     def _call(self, kv, counts, seen, inp: StepInputs, decode: bool, prev):

@@ -1,7 +1,7 @@
 """Meshes, layouts, sharding rules and memory planning: the bottom layer."""
 
-from meshes.devices import default_compute_dtype, set_cpu_device_count
-from meshes.layout import (
+from meshserve.meshes.devices import default_compute_dtype, set_cpu_device_count
+from meshserve.meshes.layout import (
     LAYOUT_KEYS,
     MESH_AXES,
     LayoutError,
@@ -11,7 +11,7 @@ from meshes.layout import (
     parse_layout,
     split_slices,
 )
-from meshes.planner import (
+from meshserve.meshes.planner import (
     DoesNotFitError,
     MemoryPlan,
     TensorSpec,
@@ -19,7 +19,7 @@ from meshes.planner import (
     device_capacity_bytes,
     plan_memory,
 )
-from meshes.rules import ShardingRules, constrain, use_rules
+from meshserve.meshes.rules import ShardingRules, constrain, use_rules
 
 __all__ = [
     "LAYOUT_KEYS",

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import jax
 
-from meshes.rules import LogicalAxes, ShardingRules
+from meshserve.meshes.rules import LogicalAxes, ShardingRules
 
 
 class DoesNotFitError(ValueError):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from models.config import ModelConfig
+from meshserve.models.config import ModelConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "meshserve.json"

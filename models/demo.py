@@ -12,8 +12,8 @@ import os
 
 import jax.numpy as jnp
 
-from models.checkpoint import MANIFEST, read_manifest
-from models.config import ModelConfig
+from meshserve.models.checkpoint import MANIFEST, read_manifest
+from meshserve.models.config import ModelConfig
 
 DEMO_CONFIG = ModelConfig(
     family="llama",
@@ -67,8 +67,8 @@ def ensure_demo_checkpoint(path: str | None = None) -> str:
         return path
     import sentencepiece
 
-    from meshes import make_mesh, parse_layout
-    from models.loading import init_random, save_model
+    from meshserve.meshes import make_mesh, parse_layout
+    from meshserve.models.loading import init_random, save_model
 
     model = init_random(DEMO_CONFIG, make_mesh(parse_layout("")), jnp.float32, seed=0,
                         init_std=0.05)

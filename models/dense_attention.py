@@ -12,8 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from meshes import constrain
-from models.config import ModelConfig
+from meshserve.meshes import constrain
+from meshserve.models.config import ModelConfig
 
 DenseLayerCache = tuple[jax.Array, jax.Array]  # k, v: [batch, max_len, kv_heads, head_dim]
 

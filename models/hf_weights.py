@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from models.config import ModelConfig
+from meshserve.models.config import ModelConfig
 
 # Buffers some exporters write that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -6,18 +6,16 @@ turns them into shardings. Activations are pinned with `meshes.constrain`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meshes import constrain
-from models.config import ModelConfig
+from meshserve.meshes import constrain
+from meshserve.models.config import ModelConfig
 
 Initializer = Callable[..., jax.Array]
 
@@ -34,60 +32,42 @@ class AttentionFn(Protocol):
     ) -> tuple[jax.Array, Any]: ...
 
 
-class PackedMatmul(Protocol):
-    """A matmul that reads weights stored in its own element order (same shape and
-    element count as the plain [K, N] weight), e.g. panel-packed for a CPU kernel."""
+class Matmul(Protocol):
+    """The projection matmul the caller hands the model, as it hands it `AttentionFn`.
 
-    def packable(self, k: int, n: int, dtype: Any) -> bool: ...
+    x: [M, K]; w: a projection weight (a `projection` parameter, K·N elements) as the
+    caller placed it. Returns x times w as [M, N].
+    """
 
     def __call__(self, x: jax.Array, w: jax.Array, k: int, n: int) -> jax.Array: ...
 
 
-# Projection weights by parameter name, with how many leading dims they contract: the
-# ones `dense` multiplies, and so the ones a PackedMatmul may store in its own order.
-PROJECTIONS = {
-    "q_proj": 1,
-    "k_proj": 1,
-    "v_proj": 1,
-    "o_proj": 2,
-    "gate_proj": 1,
-    "up_proj": 1,
-    "down_proj": 1,
-    "lm_head": 1,
-}
-
-_packed_matmul: contextvars.ContextVar[PackedMatmul | None] = contextvars.ContextVar(
-    "packed_matmul", default=None
-)
+def plain_matmul(x: jax.Array, w: jax.Array, k: int, n: int) -> jax.Array:
+    return x @ w.reshape(k, n)
 
 
-@contextlib.contextmanager
-def use_packed_matmul(matmul: PackedMatmul | None) -> Iterator[None]:
-    """While tracing, projection weights that `matmul.packable` accepts are in its order."""
-    token = _packed_matmul.set(matmul)
-    try:
-        yield
-    finally:
-        _packed_matmul.reset(token)
-
-
-def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
-    """x [..., *w.shape[:contract]] times w -> [..., *w.shape[contract:]], as one plain
-    [M, K] x [K, N] matmul (free reshapes of row-major arrays: with several contracting
-    dims XLA:CPU transposed a weight copy on every call)."""
-    k, n = math.prod(w.shape[:contract]), math.prod(w.shape[contract:])
+def dense(x: jax.Array, w: nnx.Param, matmul: Matmul = plain_matmul) -> jax.Array:
+    """x [..., *w.shape[:contract]] times the projection w -> [..., *w.shape[contract:]],
+    as one [M, K] x [K, N] matmul (free reshapes of row-major arrays: with several
+    contracting dims XLA:CPU transposed a weight copy on every call)."""
+    contract = w.get_metadata()["contract"]
+    value = w[...]
+    k, n = math.prod(value.shape[:contract]), math.prod(value.shape[contract:])
     lead = x.shape[: x.ndim - contract]
-    x2 = x.reshape(-1, k)
-    packed = _packed_matmul.get()
-    if packed is not None and packed.packable(k, n, w.dtype):
-        y = packed(x2, w, k, n)
-    else:
-        y = x2 @ w.reshape(k, n)
-    return y.reshape(*lead, *w.shape[contract:])
+    y = matmul(x.reshape(-1, k), value, k, n)
+    return y.reshape(*lead, *value.shape[contract:])
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], dtype, axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), axes=tuple(axes))
+
+
+def projection(
+    rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], dtype, axes, contract: int = 1
+) -> nnx.Param:
+    """A weight the model only ever applies through `dense`, contracting its first
+    `contract` dims (metadata a caller's `Matmul` may rely on)."""
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=tuple(axes), contract=contract)
 
 
 class RMSNorm(nnx.Module):
@@ -128,10 +108,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs, init: Initializer):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.layer = layer
-        self.q_proj = param(rngs, init, (e, h, d), dtype, ("embed", "heads", "head_dim"))
-        self.k_proj = param(rngs, init, (e, k, d), dtype, ("embed", "kv_heads", "head_dim"))
-        self.v_proj = param(rngs, init, (e, k, d), dtype, ("embed", "kv_heads", "head_dim"))
-        self.o_proj = param(rngs, init, (h, d, e), dtype, ("heads", "head_dim", "embed"))
+        self.q_proj = projection(rngs, init, (e, h, d), dtype, ("embed", "heads", "head_dim"))
+        self.k_proj = projection(rngs, init, (e, k, d), dtype, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = projection(rngs, init, (e, k, d), dtype, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = projection(
+            rngs, init, (h, d, e), dtype, ("heads", "head_dim", "embed"), contract=2
+        )
         if cfg.qkv_bias:
             self.q_bias = param(rngs, init, (h, d), dtype, ("heads", "head_dim"))
             self.k_bias = param(rngs, init, (k, d), dtype, ("kv_heads", "head_dim"))
@@ -143,11 +125,17 @@ class Attention(nnx.Module):
         self.qk_norm = cfg.qk_norm
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache: Any, attention: AttentionFn
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: Any,
+        attention: AttentionFn,
+        matmul: Matmul = plain_matmul,
     ) -> tuple[jax.Array, Any]:
-        q = dense(x, self.q_proj[...])
-        k = dense(x, self.k_proj[...])
-        v = dense(x, self.v_proj[...])
+        q = dense(x, self.q_proj, matmul)
+        k = dense(x, self.k_proj, matmul)
+        v = dense(x, self.v_proj, matmul)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -157,22 +145,22 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = attention(self.layer, q, k, v, cache)
         out = constrain(out.astype(x.dtype), ("batch", "seq", "heads", "head_dim"))
-        y = dense(out, self.o_proj[...], contract=2)
+        y = dense(out, self.o_proj, matmul)
         return constrain(y, ("batch", "seq", "embed")), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, init: Initializer):
         e, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = param(rngs, init, (e, i), dtype, ("embed", "mlp"))
-        self.up_proj = param(rngs, init, (e, i), dtype, ("embed", "mlp"))
-        self.down_proj = param(rngs, init, (i, e), dtype, ("mlp", "embed"))
+        self.gate_proj = projection(rngs, init, (e, i), dtype, ("embed", "mlp"))
+        self.up_proj = projection(rngs, init, (e, i), dtype, ("embed", "mlp"))
+        self.down_proj = projection(rngs, init, (i, e), dtype, ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = dense(x, self.gate_proj[...])
-        up = dense(x, self.up_proj[...])
+    def __call__(self, x: jax.Array, matmul: Matmul = plain_matmul) -> jax.Array:
+        gate = dense(x, self.gate_proj, matmul)
+        up = dense(x, self.up_proj, matmul)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return constrain(dense(hidden, self.down_proj[...]), ("batch", "seq", "embed"))
+        return constrain(dense(hidden, self.down_proj, matmul), ("batch", "seq", "embed"))
 
 
 class DecoderLayer(nnx.Module):
@@ -182,7 +170,7 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs, init)
 
-    def __call__(self, x, cos, sin, cache, attention: AttentionFn):
-        h, cache = self.attn(self.input_norm(x), cos, sin, cache, attention)
+    def __call__(self, x, cos, sin, cache, attention: AttentionFn, matmul: Matmul = plain_matmul):
+        h, cache = self.attn(self.input_norm(x), cos, sin, cache, attention, matmul)
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        return x + self.mlp(self.post_attn_norm(x), matmul), cache

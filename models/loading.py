@@ -16,11 +16,23 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from meshes import LayoutError, MemoryPlan, MeshLayout, ShardingRules, TensorSpec, plan_memory
-from models.checkpoint import checkpoint_config, checkpoint_writer, read_manifest, restore_items
-from models.config import ModelConfig
-from models.hf_weights import item_of
-from models.transformer import Transformer
+from meshserve.meshes import (
+    LayoutError,
+    MemoryPlan,
+    MeshLayout,
+    ShardingRules,
+    TensorSpec,
+    plan_memory,
+)
+from meshserve.models.checkpoint import (
+    checkpoint_config,
+    checkpoint_writer,
+    read_manifest,
+    restore_items,
+)
+from meshserve.models.config import ModelConfig
+from meshserve.models.hf_weights import item_of
+from meshserve.models.transformer import Transformer
 
 KV_PARAMS = ("k_proj", "v_proj", "k_bias", "v_bias")
 
@@ -105,9 +117,6 @@ class ShardedModel:
     params: nnx.State
     rules: ShardingRules
     dtype: Any
-    # Projection weights stored in a PackedMatmul's order (see models.layers.dense); the
-    # model must then be traced under models.layers.use_packed_matmul(that matmul).
-    packed: bool = False
 
     def module(self, params: nnx.State | None = None) -> Transformer:
         return nnx.merge(self.graphdef, self.params if params is None else params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from models.config import ModelConfig
+from meshserve.models.config import ModelConfig
 
 
 class Tokenizer:

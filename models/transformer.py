@@ -10,9 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshes import constrain
-from models.config import ModelConfig, rope_inverse_frequencies
-from models.layers import AttentionFn, DecoderLayer, RMSNorm, dense, param, rope_cos_sin
+from meshserve.meshes import constrain
+from meshserve.models.config import ModelConfig, rope_inverse_frequencies
+from meshserve.models.layers import (
+    AttentionFn,
+    DecoderLayer,
+    Matmul,
+    RMSNorm,
+    dense,
+    param,
+    plain_matmul,
+    projection,
+    rope_cos_sin,
+)
 
 
 class Transformer(nnx.Module):
@@ -33,7 +43,7 @@ class Transformer(nnx.Module):
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = param(
+            self.lm_head = projection(
                 rngs, init, (cfg.hidden_size, cfg.vocab_size), dtype, ("embed", "vocab")
             )
 
@@ -44,16 +54,18 @@ class Transformer(nnx.Module):
         cache: Sequence[Any],
         attention: AttentionFn,
         rope: tuple[jax.Array, jax.Array] | None = None,
+        matmul: Matmul = plain_matmul,
     ) -> tuple[jax.Array, list[Any]]:
         """rope: `self.rope(positions)` if the caller has it already. XLA fuses cos/sin
         into every layer's RoPE and evaluates them there per head, so a decode loop that
-        computes them once per step outside this function saves that work."""
+        computes them once per step outside this function saves that work.
+        matmul: how the projections are multiplied (the caller placed their weights)."""
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
         cos, sin = self.rope(positions) if rope is None else rope
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, cos, sin, layer_cache, attention)
+            x, layer_cache = layer(x, cos, sin, layer_cache, attention, matmul)
             new_cache.append(layer_cache)
         return self.final_norm(x), new_cache
 
@@ -65,14 +77,15 @@ class Transformer(nnx.Module):
         # A trace-time constant, not a parameter: checkpoints never carry it.
         return jnp.asarray(np.array(rope_inverse_frequencies(self.config), np.float32))
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, matmul: Matmul = plain_matmul) -> jax.Array:
         """f32 logits for hidden states of any leading shape."""
         if self.config.tie_word_embeddings:
             out = jnp.einsum("...e,ve->...v", hidden, self.embed[...])
         else:
-            out = dense(hidden, self.lm_head[...])
+            out = dense(hidden, self.lm_head, matmul)
         return out.astype(jnp.float32)
 
-    def __call__(self, tokens, positions, cache, attention: AttentionFn):
-        hidden, cache = self.hidden(tokens, positions, cache, attention)
-        return self.logits(hidden), cache
+    def __call__(self, tokens, positions, cache, attention: AttentionFn,
+                 matmul: Matmul = plain_matmul):
+        hidden, cache = self.hidden(tokens, positions, cache, attention, matmul=matmul)
+        return self.logits(hidden, matmul), cache

@@ -1,9 +1,14 @@
-"""Builds and loads the C++ XLA FFI kernels for CPU (cached per machine).
+"""Builds and loads the C++ XLA FFI kernels for CPU (cached per user).
 
-Each kernel is compiled once with the system C++ compiler (g++ or $CXX) into a cache
-directory ($MESHSERVE_KERNEL_CACHE, default ~/.cache/meshserve/kernels), keyed by its
-source, the shared header, the compiler, the flags, jax's version and this CPU's features
-(-march=native), then loaded with ctypes and registered as an FFI target.
+Each kernel is compiled once with the system C++ compiler (g++ or $CXX) into a private
+cache directory ($MESHSERVE_KERNEL_CACHE, default `$XDG_CACHE_HOME/meshserve/kernels`
+or `~/.cache/meshserve/kernels`), keyed by its source, the shared header, the compiler,
+the flags, jax's version and this CPU's features (-march=native), then loaded with
+ctypes and registered as an FFI target.
+
+A shared library is code: it is loaded only from a directory the user owns and nobody
+else may write (created 0700), and only if the user owns the file itself. There is no
+fallback into a shared temp directory, where another user could plant a library.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -25,11 +32,17 @@ log = logging.getLogger(__name__)
 CACHE_ENV_VAR = "MESHSERVE_KERNEL_CACHE"
 HERE = os.path.dirname(os.path.abspath(__file__))
 _HEADERS = (os.path.join(HERE, "cpu_common.h"),)
-# fast-math lets GCC vectorise expf and reductions; the kernels keep every intermediate
-# finite (no infinities as "minus infinity" markers), so its assumptions hold.
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffast-math")
+# No -ffast-math: it lets the compiler assume no NaN or inf, and then NaN and inf inputs
+# would not propagate as in the references. The flags kept from it only let sums be
+# reordered (vectorised) and math inline; cpu_common.h declares the vector expf.
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
+          "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math",
+          "-ffp-contract=fast")
+# The kernels use C++17 and GCC/Clang vector extensions.
+MIN_VERSIONS = {"g++": (9, 0), "clang++": (10, 0)}
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | Exception] = {}
+_toolchain: tuple[str, str] | KernelBuildError | None = None
 
 
 class KernelBuildError(RuntimeError):
@@ -44,32 +57,85 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def compiler_version(compiler: str) -> tuple[str, tuple[int, int], str] | None:
+    """(kind "g++" | "clang++", (major, minor), --version text); None if unrecognised."""
+    run = lambda *args: subprocess.run([compiler, *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=60).stdout.strip()
+    text = run("--version")
+    kind = "clang++" if "clang" in text.lower() else "g++"
+    number = run("-dumpversion") if kind == "clang++" else run("-dumpfullversion",
+                                                                "-dumpversion")
+    match = re.match(r"(\d+)(?:\.(\d+))?", number)
+    if not text or match is None:
+        return None
+    return kind, (int(match[1]), int(match[2] or 0)), text
+
+
+def _find_toolchain() -> tuple[str, str]:
+    """(compiler path, its --version text), or KernelBuildError naming what is needed;
+    decided once per process."""
+    global _toolchain
+    if _toolchain is None:
+        needed = " or ".join(f"{k} >= {a}.{b}" for k, (a, b) in MIN_VERSIONS.items())
+        compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+        found = compiler_version(compiler) if compiler else None
+        if compiler is None:
+            _toolchain = KernelBuildError(f"no C++ compiler on PATH (needs {needed}, or $CXX)")
+        elif found is None:
+            _toolchain = KernelBuildError(f"{compiler}: unknown compiler (needs {needed})")
+        elif found[1] < MIN_VERSIONS[found[0]]:
+            _toolchain = KernelBuildError(
+                f"{compiler} is {found[0]} {found[1][0]}.{found[1][1]}; the kernels need "
+                f"{needed}")
+        else:
+            _toolchain = (compiler, found[2])
+    if isinstance(_toolchain, KernelBuildError):
+        raise _toolchain
+    return _toolchain
+
+
+def cache_dir() -> str:
+    """The kernel cache, created 0700 and checked to be the user's own and private."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.abspath(os.environ.get(CACHE_ENV_VAR) or os.path.join(base, "meshserve",
+                                                                        "kernels"))
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise KernelBuildError(f"cannot create the kernel cache {path} ({e}); set "
+                               f"${CACHE_ENV_VAR} to a directory of yours") from e
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise KernelBuildError(f"kernel cache {path} is not a directory (a link?)")
+    if info.st_uid != os.getuid():
+        raise KernelBuildError(f"kernel cache {path} belongs to uid {info.st_uid}, not to "
+                               f"you ({os.getuid()}); set ${CACHE_ENV_VAR}")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours: make it private before trusting what is in it
+    return path
+
+
+def _check_library(path: str) -> None:
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise KernelBuildError(f"refusing to load {path}: not a regular file of yours that "
+                               f"only you can write")
+
+
 def _build(source: str) -> str:
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
-        raise KernelBuildError("no C++ compiler (g++ or $CXX) on PATH")
+    compiler, version = _find_toolchain()
     parts = []
     for path in (source, *_HEADERS):
         with open(path, "rb") as f:
             parts.append(f.read())
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     parts += [x.encode() for x in (version, " ".join(_FLAGS), jax.__version__, _cpu_signature())]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
-    cache = os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "meshserve", "kernels"
-    )
+    cache = cache_dir()
     name = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(cache, f"{name}_{key}.so")
     if os.path.exists(path):
+        _check_library(path)
         return path
-    try:
-        os.makedirs(cache, exist_ok=True)
-    except OSError:  # a read-only home: build into the temp dir instead
-        cache = os.path.join(tempfile.gettempdir(), f"meshserve-kernels-{os.getuid()}")
-        os.makedirs(cache, exist_ok=True)
-        path = os.path.join(cache, os.path.basename(path))
-        if os.path.exists(path):
-            return path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE}", source, "-o", tmp]
@@ -77,7 +143,9 @@ def _build(source: str) -> str:
     if done.returncode != 0:
         os.unlink(tmp)
         raise KernelBuildError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+    os.chmod(tmp, 0o700)
     os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
+    _check_library(path)
     return path
 
 
@@ -103,11 +171,20 @@ def load(source: str, targets: dict[str, str]) -> None:
         _loaded[source] = lib
 
 
+_warned: set[str] = set()
+
+
 def available(source: str, targets: dict[str, str]) -> bool:
-    """True when the kernel is built and registered (building it on first call)."""
+    """True when the kernel is built and registered (building it on first call). A
+    problem warns once: per toolchain or cache problem, not once per kernel."""
     try:
         load(source, targets)
         return True
     except KernelBuildError as e:
-        log.warning("CPU kernel %s unavailable, using XLA instead: %s", source, e)
+        shared = isinstance(_toolchain, KernelBuildError) or "kernel cache" in str(e)
+        key = str(e) if shared else source
+        if key not in _warned:
+            _warned.add(key)
+            what = "the C++ CPU kernels are" if shared else f"CPU kernel {source} is"
+            log.warning("%s unavailable, using XLA instead: %s", what, e)
         return False

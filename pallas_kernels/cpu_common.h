@@ -5,12 +5,20 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <thread>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
+
+// The kernels keep IEEE float semantics (no -ffast-math: NaN and inf propagate as in the
+// references). glibc declares its vector expf (libmvec) only under -ffast-math; declared
+// here, loops of expf still vectorise. libmvec's variants treat inf and NaN as expf does.
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+extern "C" float expf(float) noexcept __attribute__((__simd__("notinbranch")));
+#endif
 
 namespace meshserve {
 

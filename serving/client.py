@@ -10,8 +10,8 @@ from typing import TextIO
 
 import grpc
 
-from serving.proto import meshserve_pb2 as pb
-from serving.proto import meshserve_pb2_grpc as pb_grpc
+from meshserve.serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 
 MAX_RESPONSE_BYTES = 16 << 20
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from engine.engine import EngineConfig
-from serving import logs
-from serving.server import MeshServeServer, ServerOptions
-from serving.slices import ModelInfo, Slice, build_slices, model_info
+from meshserve.engine.engine import EngineConfig
+from meshserve.serving import logs
+from meshserve.serving.server import MeshServeServer, ServerOptions
+from meshserve.serving.slices import ModelInfo, Slice, build_slices, model_info
 
 
 @dataclasses.dataclass
@@ -22,8 +22,8 @@ def load(ckpt_dir: str, mesh: str, num_slices: int, dtype: str,
          engine_config: EngineConfig, source: str | None = None,
          warmup: bool = False) -> LoadedModel:
     """Tokenizer (sentencepiece or HF, BOS/EOS from the config) and one engine per slice."""
-    from models.checkpoint import checkpoint_config
-    from models.tokenizer import find_tokenizer
+    from meshserve.models.checkpoint import checkpoint_config
+    from meshserve.models.tokenizer import find_tokenizer
 
     if num_slices < 1:
         raise ValueError(f"--slices must be >= 1, got {num_slices}")

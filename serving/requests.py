@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from engine.outputs import StreamChunk
-from engine.sampling_params import InvalidRequestError, SamplingParams
-from serving.proto import meshserve_pb2 as pb
+from meshserve.engine.outputs import StreamChunk
+from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from meshserve.serving.proto import meshserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_CACHE_SALT_BYTES = 256

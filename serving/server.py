@@ -19,13 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from serving import logs
-from serving.auth import BearerTokenInterceptor
-from serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
-from serving.proto import meshserve_pb2_grpc as pb_grpc
-from serving.requests import ModelLimits
-from serving.service import SERVICE_NAME, MeshServeService
-from serving.slices import ModelInfo, Router, Slice
+from meshserve.serving import logs
+from meshserve.serving.auth import BearerTokenInterceptor
+from meshserve.serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
+from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
+from meshserve.serving.requests import ModelLimits
+from meshserve.serving.service import SERVICE_NAME, MeshServeService
+from meshserve.serving.slices import ModelInfo, Router, Slice
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -17,15 +17,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from engine.engine import EngineOverloadedError
-from engine.outputs import StreamChunk
-from engine.sampling_params import InvalidRequestError
-from serving import logs
-from serving.metrics import ServingMetrics
-from serving.proto import meshserve_pb2 as pb
-from serving.proto import meshserve_pb2_grpc as pb_grpc
-from serving.requests import ModelLimits, NoTokenizerError, PreparedRequest, prepare, to_response
-from serving.slices import ModelInfo, NoHealthySliceError, Router, Slice
+from meshserve.engine.engine import EngineOverloadedError
+from meshserve.engine.outputs import StreamChunk
+from meshserve.engine.sampling_params import InvalidRequestError
+from meshserve.serving import logs
+from meshserve.serving.metrics import ServingMetrics
+from meshserve.serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
+from meshserve.serving.requests import (
+    ModelLimits,
+    NoTokenizerError,
+    PreparedRequest,
+    prepare,
+    to_response,
+)
+from meshserve.serving.slices import ModelInfo, NoHealthySliceError, Router, Slice
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MeshServe"].full_name
 # How often a waiting stream re-checks that its slice is alive: a dead engine must fail

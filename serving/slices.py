@@ -12,10 +12,10 @@ import os
 import threading
 from collections.abc import Sequence
 
-from engine.engine import Engine, EngineConfig, EngineDeadError, EngineOverloadedError
-from engine.outputs import EngineStats
-from engine.sampling_params import SamplingParams
-from serving import logs
+from meshserve.engine.engine import Engine, EngineConfig, EngineDeadError, EngineOverloadedError
+from meshserve.engine.outputs import EngineStats
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.serving import logs
 
 
 class NoHealthySliceError(Exception):
@@ -55,8 +55,8 @@ class ModelInfo:
 
 
 def model_info(ckpt_dir: str, dtype: str, source: str | None = None) -> ModelInfo:
-    from models.checkpoint import read_manifest
-    from models.config import ModelConfig
+    from meshserve.models.checkpoint import read_manifest
+    from meshserve.models.config import ModelConfig
 
     manifest = read_manifest(ckpt_dir)
     cfg = ModelConfig.from_json(manifest["config"])
@@ -82,9 +82,9 @@ def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
     """
     import jax.numpy as jnp
 
-    from meshes import parse_layout, split_slices
-    from models.checkpoint import checkpoint_config
-    from models.loading import load_checkpoint, memory_plan
+    from meshserve.meshes import parse_layout, split_slices
+    from meshserve.models.checkpoint import checkpoint_config
+    from meshserve.models.loading import load_checkpoint, memory_plan
 
     layout = parse_layout(layout_text)
     if layout.slices != 1 and layout.slices != num_slices:

@@ -39,7 +39,7 @@ def hf_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory, hf_model_dir):
     """Factory: family name → converted meshserve checkpoint directory."""
-    from tools.convert import convert
+    from meshserve.tools.convert import convert
 
     cache: dict[str, str] = {}
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.engine import Engine, EngineConfig
-from meshes import make_mesh, parse_layout
-from models.loading import load_checkpoint
-from models.tokenizer import find_tokenizer
+from meshserve.engine.engine import Engine, EngineConfig
+from meshserve.meshes import make_mesh, parse_layout
+from meshserve.models.loading import load_checkpoint
+from meshserve.models.tokenizer import find_tokenizer
 
 # One token bucket and one sequence bucket: two compiled programs per engine, so the
 # suite spends its time testing rather than compiling.

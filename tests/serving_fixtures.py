@@ -22,9 +22,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from engine.engine import EngineConfig
-from serving.proto import meshserve_pb2 as pb
-from serving.proto import meshserve_pb2_grpc as pb_grpc
+from meshserve.engine.engine import EngineConfig
+from meshserve.serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +46,7 @@ SERVING_FLAGS = (
 
 @pytest.fixture(scope="session")
 def demo_ckpt(tmp_path_factory) -> str:
-    from models.demo import ensure_demo_checkpoint
+    from meshserve.models.demo import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint(str(tmp_path_factory.mktemp("serving") / "demo-v1"))
 
@@ -54,7 +54,7 @@ def demo_ckpt(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_model(demo_ckpt):
     """One slice on device 0 with every shape compiled (timing tests need no compiles)."""
-    from serving import launch
+    from meshserve.serving import launch
 
     model = launch.load(demo_ckpt, "", 1, "float32", SERVING_CONFIG, warmup=True)
     yield model
@@ -66,7 +66,7 @@ class ServerThread:
     """A MeshServeServer on 127.0.0.1:<free port>, its event loop in a daemon thread."""
 
     def __init__(self, model, **options):
-        from serving.server import MeshServeServer, ServerOptions
+        from meshserve.serving.server import MeshServeServer, ServerOptions
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -108,7 +108,7 @@ def stub_for(target: str, channel_credentials=None, **channel_options):
 
 
 def request(prompt: str | None = None, token_ids=None, **fields) -> pb.GenerateRequest:
-    from serving.client import build_request
+    from meshserve.serving.client import build_request
 
     return build_request(prompt=prompt, token_ids=token_ids, **fields)
 
@@ -152,7 +152,7 @@ class ServeProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 240.0):
         self.stderr_lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "serve", "--port", "0", *args], cwd=REPO,
+            [sys.executable, "-m", "meshserve.tools.cli", "serve", "--port", "0", *args], cwd=REPO,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )

@@ -17,11 +17,11 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from engine.engine import EngineConfig
-from meshes import parse_layout
-from tools.bench_mesh import bench, parse_layouts
-from tools.bench_mesh_hlo import KINDS, decode_collectives, replica_groups, shape_bytes
-from tools.bench_mesh_report import (
+from meshserve.engine.engine import EngineConfig
+from meshserve.meshes import parse_layout
+from meshserve.tools.bench_mesh import bench, parse_layouts
+from meshserve.tools.bench_mesh_hlo import KINDS, decode_collectives, replica_groups, shape_bytes
+from meshserve.tools.bench_mesh_report import (
     REQUIRED_KEYS,
     apply_layout_from,
     best_layout_from,
@@ -29,7 +29,7 @@ from tools.bench_mesh_report import (
     format_table,
     write_outputs,
 )
-from tools.bench_mesh_run import Workload
+from meshserve.tools.bench_mesh_run import Workload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2  # the tiny llama of tests/hf_models.py: 2 layers, 4 heads, 2 kv heads
@@ -213,7 +213,8 @@ def test_outputs_and_serve_layout_from(measured, tmp_path):
 
 def test_cli_writes_results_when_nothing_fits(checkpoint_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "bench-mesh", "--checkpoint", checkpoint_dir("llama"),
+        [sys.executable, "-m", "meshserve.tools.cli", "bench-mesh",
+         "--checkpoint", checkpoint_dir("llama"),
          "--cpu-devices", "8", "--layouts", "tensor=8;expert=2,data=4;data=8",
          "--device-memory-gib", "0.001", "--slo", "ttft_ms=500", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300)

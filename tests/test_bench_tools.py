@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, *args: str) -> None:
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *args],
+    module = "meshserve.tools." + script.removesuffix(".py")
+    done = subprocess.run([sys.executable, "-m", module, *args],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _meshserve(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "meshserve.tools.cli", *args], cwd=REPO, capture_output=True,
+        text=True,
         timeout=300, env={**os.environ, **(env or {})},
     )
 

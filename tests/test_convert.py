@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from models.checkpoint import MANIFEST, CheckpointError, read_manifest
-from models.config import UnsupportedModelError
+from meshserve.models.checkpoint import MANIFEST, CheckpointError, read_manifest
+from meshserve.models.config import UnsupportedModelError
+from meshserve.tools.convert import ConversionError, convert
 from tests import hf_models
-from tools.convert import ConversionError, convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +99,7 @@ def test_unknown_architecture_fails_through_the_cli(tmp_path, hf_model_dir):
         json.dump(cfg, f)
     out = str(tmp_path / "out")
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "convert", "--hf", src, "--out", out],
+        [sys.executable, "-m", "meshserve.tools.cli", "convert", "--hf", src, "--out", out],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
-from models.config import ModelConfig
-from models.demo import train_demo_tokenizer
-from models.tokenizer import Tokenizer
+from meshserve.engine.detokenizer import IncrementalDetokenizer
+from meshserve.models.config import ModelConfig
+from meshserve.models.demo import train_demo_tokenizer
+from meshserve.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

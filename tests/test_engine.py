@@ -8,14 +8,14 @@ import threading
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.dense import DenseGenerator
-from engine.engine import Engine
-from engine.sampling_params import InvalidRequestError, SamplingParams
-from meshes import make_mesh, parse_layout
-from models.demo import train_demo_tokenizer
-from models.loading import load_checkpoint
-from models.tokenizer import Tokenizer
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.dense import DenseGenerator
+from meshserve.engine.engine import Engine
+from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from meshserve.meshes import make_mesh, parse_layout
+from meshserve.models.demo import train_demo_tokenizer
+from meshserve.models.loading import load_checkpoint
+from meshserve.models.tokenizer import Tokenizer
 from tests import hf_models
 from tests.engine_fixtures import SMALL, assert_idle, make_engine, tokens_of
 

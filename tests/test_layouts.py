@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import pytest
 
-from meshes import (
+from meshserve.meshes import (
     DoesNotFitError,
     LayoutError,
     MeshLayout,
@@ -17,8 +17,8 @@ from meshes import (
     parse_layout,
     split_slices,
 )
-from models.config import ModelConfig
-from models.loading import check_layout, effective_kv_heads, init_random, memory_plan
+from meshserve.models.config import ModelConfig
+from meshserve.models.loading import check_layout, effective_kv_heads, init_random, memory_plan
 
 CFG = ModelConfig(
     family="llama",

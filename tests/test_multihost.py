@@ -21,12 +21,12 @@ import jax
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.engine import Engine, EngineConfig
-from engine.sampling_params import SamplingParams
-from meshes import make_mesh, parse_layout
-from meshes.distributed import EXIT_GROUP_FAILED, EXIT_STARTUP
-from models.loading import load_checkpoint
-from serving.proto import meshserve_pb2 as pb
+from meshserve.engine.engine import Engine, EngineConfig
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.meshes import make_mesh, parse_layout
+from meshserve.meshes.distributed import EXIT_GROUP_FAILED, EXIT_STARTUP
+from meshserve.models.loading import load_checkpoint
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     REPO,
     demo_ckpt,
@@ -61,7 +61,7 @@ class Process:
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "serve", *args], cwd=REPO,
+            [sys.executable, "-m", "meshserve.tools.cli", "serve", *args], cwd=REPO,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -201,9 +201,9 @@ def test_step_watchdog_fails_the_engine_when_a_step_never_finishes(checkpoint_di
     reason and the engine refuses further steps."""
     import jax.numpy as jnp
 
-    from engine.engine import EngineDeadError
-    from engine.multihost import MultiHostEngine, empty_step
-    from engine.step import StepOutputs
+    from meshserve.engine.engine import EngineDeadError
+    from meshserve.engine.multihost import MultiHostEngine, empty_step
+    from meshserve.engine.step import StepOutputs
 
     model = load_checkpoint(checkpoint_dir("llama"), make_mesh(parse_layout("")))
     link, failures = _FakeLink(), []

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from engine.dense import DenseGenerator
-from engine.engine import Engine
-from engine.packing import PANEL_MATMUL, pack_weights, packing_applies
-from engine.sampling_params import SamplingParams
-from meshes import make_mesh, parse_layout
-from models.layers import PROJECTIONS, dense, use_packed_matmul
-from models.loading import load_checkpoint
-from pallas_kernels import packed_matmul as pm
+from meshserve.engine.dense import DenseGenerator
+from meshserve.engine.engine import Engine
+from meshserve.engine.packing import PANEL_MATMUL, pack_weights, packing_applies
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.meshes import make_mesh, parse_layout
+from meshserve.models.layers import dense, plain_matmul
+from meshserve.models.loading import load_checkpoint
+from meshserve.pallas_kernels import packed_matmul as pm
 from tests.engine_fixtures import SMALL, assert_idle, tokens_of
 
 
@@ -58,14 +58,17 @@ def test_kernel_under_vmap_and_bad_operands():
     assert not pm.packable(64, 16, jnp.float32) and not pm.packable(64, 64, jnp.bfloat16)
 
 
-def test_dense_reads_packed_weights_under_the_context():
+def test_dense_with_the_panel_matmul_reads_packed_weights():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 3, 4, 16), np.float32))
     w = jnp.asarray(rng.standard_normal((4, 16, 64), np.float32))  # an o_proj: contract 2
     packed = pm.pack(w.reshape(64, 64)).reshape(w.shape)
-    with use_packed_matmul(PANEL_MATMUL):
-        got = jax.jit(lambda x, w: dense(x, w, contract=2))(x, packed)
-    want = dense(x, w, contract=2)
+
+    def apply(x, w, matmul):
+        return dense(x, nnx.Param(w, contract=2), matmul)
+
+    got = jax.jit(lambda x, w: apply(x, w, PANEL_MATMUL))(x, packed)
+    want = apply(x, w, plain_matmul)
     assert got.shape == (2, 3, 64)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
@@ -75,14 +78,13 @@ def test_engine_on_packed_weights_matches_plain(checkpoint_dir, family):
     ckpt = checkpoint_dir(family)
     model = load_checkpoint(ckpt, make_mesh(parse_layout("")))
     assert packing_applies(model)
-    packed = pack_weights(model)
-    assert packed.packed and not model.packed
+    packed, matmul = pack_weights(model)
     flat, plain = nnx.to_flat_state(packed.params), dict(nnx.to_flat_state(model.params))
     changed = 0
     for path, leaf in flat:
         before, after = plain[path].get_value(), leaf.get_value()
         assert after.shape == before.shape and after.dtype == before.dtype
-        contract = PROJECTIONS.get(str(path[-1]))
+        contract = leaf.get_metadata().get("contract")
         k = int(np.prod(before.shape[:contract])) if contract else 0
         if contract and pm.packable(k, before.size // k, before.dtype):
             changed += 1
@@ -97,14 +99,14 @@ def test_engine_on_packed_weights_matches_plain(checkpoint_dir, family):
     # The packed dense path gives the plain path's logits.
     prompts = [[5, 17, 42, 9, 100, 3], [7, 7, 7]]
     want = DenseGenerator(model).prefill_logits(prompts)
-    got = DenseGenerator(packed).prefill_logits(prompts)
+    got = DenseGenerator(packed, matmul).prefill_logits(prompts)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
     # The engine packs its own copy and generates what the plain engine generates.
     params = SamplingParams(max_tokens=12, logprobs=2)
     engines = [Engine(model, SMALL), Engine(model, dataclasses.replace(SMALL, pack_weights=False))]
-    assert engines[0].model.packed and not engines[1].model.packed
+    assert engines[0].matmul is PANEL_MATMUL and engines[1].matmul is plain_matmul
     outs = [e.generate(prompts, params) for e in engines]
     for a, b in zip(*outs, strict=True):
         assert tokens_of(a) == tokens_of(b) and len(tokens_of(a)) == 12

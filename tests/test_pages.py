@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.pages import OutOfPagesError, PageAllocator
+from meshserve.engine.pages import OutOfPagesError, PageAllocator
 
 
 def test_lowest_free_ids_first_whatever_the_release_order():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.dense import DenseGenerator
-from meshes import make_mesh, parse_layout
-from models.loading import load_checkpoint
+from meshserve.engine.dense import DenseGenerator
+from meshserve.meshes import make_mesh, parse_layout
+from meshserve.models.loading import load_checkpoint
 from tests import hf_models
 
 LAYOUTS = ("", "tensor=2", "tensor=4", "data=2,tensor=2")

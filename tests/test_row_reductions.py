@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import row_reductions as rr
+from meshserve.pallas_kernels import row_reductions as rr
 
 
 def _both(x):

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import (
+from meshserve.pallas_kernels.ragged_paged_attention import (
     cpu_kernel,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     resolve_impl,
 )
-from pallas_kernels.ragged_paged_attention.dispatch import IMPL_ENV_VAR
-from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from meshserve.pallas_kernels.ragged_paged_attention.dispatch import IMPL_ENV_VAR
+from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 from tests.test_rpa_gpu_interpret import CASES, F32_ATOL, check_against_reference, make_batch
 
 run = jax.jit(
@@ -117,3 +117,28 @@ def test_dispatch_falls_back_for_dtypes_the_kernel_does_not_take(monkeypatch):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
     with pytest.raises(ValueError, match="f32"):
         ragged_paged_attention(*batch.args(), impl="cpu")
+
+
+def test_cpu_kernel_non_finite_inputs_behave_as_the_reference():
+    """Built without -ffast-math: NaN and inf in real tokens' q/k/v propagate exactly
+    where they do in the reference, and leave every other row as it would be (in
+    particular the rows of other sequences that share a block with them)."""
+    batch = make_batch("mixed_gqa8_ps16", seed=3)
+    q, k, v = (np.array(x) for x in (batch.q, batch.k, batch.v))
+    starts = np.concatenate([[0], np.cumsum(batch.q_lens)])
+    q[starts[0], 1, 5] = np.nan  # a decode token's query head
+    k[starts[1] + 4, 0, 7] = np.inf  # a prefill token's key: later tokens score +-inf
+    v[starts[2], 0, 3] = -np.inf  # a decode token's value (no row is masked against it)
+    q[starts[5] + 1, :, 0] = np.inf  # every head of one prefill token
+    batch.q, batch.k, batch.v = (jnp.asarray(x) for x in (q, k, v))
+    out, pages = run(*batch.args())
+    want_out, want_pages = ragged_paged_attention_reference(*batch.args())
+    out, want_out = np.asarray(out), np.asarray(want_out)
+    assert not np.isfinite(want_out).all() and np.isfinite(want_out).any()
+    for kind in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(kind(out), kind(want_out))
+    finite = np.isfinite(want_out)
+    np.testing.assert_allclose(out[finite], want_out[finite], atol=F32_ATOL, rtol=F32_ATOL)
+    np.testing.assert_array_equal(
+        np.asarray(pages).view(np.uint32), np.asarray(want_pages).view(np.uint32)
+    )

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import (
+from meshserve.pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_gpu,
     ragged_paged_attention_reference,
 )
-from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 
 F32_ATOL = 1e-5
 BF16_ATOL = 2e-2

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import (
+from meshserve.pallas_kernels.ragged_paged_attention import (
     IMPL_ENV_VAR,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -21,7 +21,7 @@ from pallas_kernels.ragged_paged_attention import (
     validate_static,
     write_kv_pages,
 )
-from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 
 
 def naive_attention(batch, *, sm_scale=None, sliding_window=None, soft_cap=None):

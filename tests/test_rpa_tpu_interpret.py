@@ -14,14 +14,14 @@ import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import (
+from meshserve.pallas_kernels.ragged_paged_attention import (
     choose_block_sizes,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     ragged_paged_attention_tpu,
     vmem_footprint,
 )
-from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 
 F32_ATOL = 1e-5
 BF16_ATOL = 2e-2

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.sampler import SamplingBatch, sample
-from engine.sampling_params import SamplingParams
+from meshserve.engine.sampler import SamplingBatch, sample
+from meshserve.engine.sampling_params import SamplingParams
 from tests.engine_fixtures import assert_idle, make_engine, tokens_of
 
 VOCAB = 8
@@ -66,7 +66,7 @@ def test_penalties_match_their_definitions():
     counts = jnp.zeros((rows, VOCAB), jnp.int32).at[:, 0].set(3)
     seen = jnp.zeros((rows, VOCAB), bool).at[:, 0].set(True).at[:, 1].set(True)
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (rows, VOCAB))
-    from engine.sampler import _penalised
+    from meshserve.engine.sampler import _penalised
 
     batch = _batch(rows, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     got = np.asarray(_penalised(logits, batch, counts, seen))[0]

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     ServerThread,
     demo_ckpt,

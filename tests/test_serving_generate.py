@@ -7,8 +7,8 @@ import concurrent.futures
 
 import pytest
 
-from engine.sampling_params import SamplingParams
-from serving.proto import meshserve_pb2 as pb
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     demo_ckpt,
     demo_model,
@@ -36,9 +36,9 @@ def stub(server):
 
 
 def test_stream_equals_engine_and_dense_greedy(demo_model, demo_ckpt, stub):  # noqa: F811
-    from engine.dense import DenseGenerator
-    from meshes import make_mesh, parse_layout
-    from models.loading import load_checkpoint
+    from meshserve.engine.dense import DenseGenerator
+    from meshserve.meshes import make_mesh, parse_layout
+    from meshserve.models.loading import load_checkpoint
 
     tok, engine = demo_model.tokenizer, demo_model.slices[0].engine
     dense = DenseGenerator(load_checkpoint(demo_ckpt, make_mesh(parse_layout("")), "float32"))

@@ -14,7 +14,7 @@ import grpc
 import jax
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     REPO,
     SERVING_FLAGS,
@@ -37,7 +37,7 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "meshserve.tools.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 

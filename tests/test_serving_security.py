@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     demo_ckpt,
     demo_model,

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.proto import meshserve_pb2 as pb
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     SERVING_CONFIG,
     demo_ckpt,
@@ -29,7 +29,7 @@ from tests.serving_fixtures import (  # noqa: F401
 @pytest.fixture(scope="module")
 def two_slices(demo_ckpt):  # noqa: F811
     """Slices on devices 0 and 1 (of the 8 simulated ones); compiled lazily."""
-    from serving import launch
+    from meshserve.serving import launch
 
     model = launch.load(demo_ckpt, "", 2, "float32", SERVING_CONFIG)
     yield model
@@ -108,7 +108,7 @@ def test_two_slices_share_the_load_and_export_per_slice_metrics(two_slices, tmp_
 
 
 def _params(n):
-    from engine.sampling_params import SamplingParams
+    from meshserve.engine.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=n, ignore_eos=True)
 

@@ -13,11 +13,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from engine.batching import build_inputs
-from engine.config import EngineConfig
-from engine.multihost import decode_step, encode_step
-from engine.scheduler import StepPlan
-from engine.step_channel import (
+from meshserve.engine.batching import build_inputs
+from meshserve.engine.config import EngineConfig
+from meshserve.engine.multihost import decode_step, encode_step
+from meshserve.engine.scheduler import StepPlan
+from meshserve.engine.step_channel import (
     ChannelError,
     Connection,
     FollowerLink,

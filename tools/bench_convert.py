@@ -1,6 +1,6 @@
 """Peak host memory of `meshserve convert` on a ~500 MB model.
 
-    python tools/bench_convert.py [--out bench/convert.json]
+    python -m meshserve.tools.bench_convert [--out bench/convert.json]
 
 Saves a random ~134M-parameter Llama (f32, ~536 MB of safetensors) with transformers,
 then runs the converter in a child process and reports its peak RSS next to the largest
@@ -17,17 +17,12 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from tools.bench_engine import LLAMA_125M  # noqa: E402
+from meshserve.tools.bench_engine import LLAMA_125M
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child of this
 # (large) process would report the parent's peak.
 _CHILD = """
-import sys
-sys.path.insert(0, {repo!r})
-from tools.convert import convert
+from meshserve.tools.convert import convert
 if {run!r}:
     convert({src!r}, {dst!r}, progress=False)
 with open("/proc/self/status") as f:
@@ -36,7 +31,7 @@ with open("/proc/self/status") as f:
 
 
 def _peak_rss(src: str, dst: str, run: bool) -> int:
-    code = _CHILD.format(repo=REPO, src=src, dst=dst, run=run)
+    code = _CHILD.format(src=src, dst=dst, run=run)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.strip().splitlines()[-1])

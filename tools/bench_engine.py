@@ -1,7 +1,7 @@
 """Engine throughput against transformers and against this machine's roofline.
 
-    python tools/bench_engine.py --out bench/engine.json          # the full run (~15 min)
-    python tools/bench_engine.py --quick                          # a smoke run (~1 min)
+    python -m meshserve.tools.bench_engine --out bench/engine.json          # the full run (~15 min)
+    python -m meshserve.tools.bench_engine --quick                          # a smoke run (~1 min)
 
 Decode tokens/s at several batch sizes and contexts, prefill tokens/s, the same for
 transformers `generate` on the same random weights (decode step isolated as
@@ -19,21 +19,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.engine import Engine, EngineConfig  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from meshes import make_mesh, parse_layout  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.loading import load_checkpoint  # noqa: E402
-from tools import roofline  # noqa: E402
+from meshserve.engine.engine import Engine, EngineConfig
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.meshes import make_mesh, parse_layout
+from meshserve.models.config import ModelConfig
+from meshserve.models.loading import load_checkpoint
+from meshserve.tools import roofline
 
 LLAMA_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
@@ -63,7 +60,7 @@ def make_models(spec: dict, workdir: str):
     hf.generation_config.eos_token_id = None
     hf_dir = os.path.join(workdir, "hf")
     hf.save_pretrained(hf_dir)
-    from tools.convert import convert
+    from meshserve.tools.convert import convert
 
     convert(hf_dir, os.path.join(workdir, "ckpt"), progress=False)
     return hf, os.path.join(workdir, "ckpt")

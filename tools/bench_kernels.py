@@ -1,7 +1,7 @@
 """Benchmark ragged paged attention: Pallas kernels vs the pure-JAX reference.
 
-    python tools/bench_kernels.py --out bench.json            # every scenario
-    python tools/bench_kernels.py --quick --scenarios decode  # small shapes, smoke test
+    python -m meshserve.tools.bench_kernels --out bench.json            # every scenario
+    python -m meshserve.tools.bench_kernels --quick --scenarios decode  # small shapes, smoke test
 
 Prints a table (time, achieved bytes/s and FLOP/s) and optionally writes JSON.
 
@@ -25,20 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels.ragged_paged_attention import (  # noqa: E402
+from meshserve.pallas_kernels.ragged_paged_attention import (
     cpu_kernel,
     ragged_paged_attention_gpu,
     ragged_paged_attention_reference,
     ragged_paged_attention_tpu,
 )
-from pallas_kernels.ragged_paged_attention.validation import random_ragged_batch  # noqa: E402
+from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 
 IMPLS = ("reference", "cpu", "tpu", "gpu")
 _KERNEL_BACKENDS = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm"), "cpu": ("cpu",)}

@@ -1,7 +1,7 @@
 """XLA:CPU dots against the panel-packed C++ kernel on a model's projection weights.
 
-    python tools/bench_matmul.py                     # the 125M Llama of bench_engine.py
-    python tools/bench_matmul.py --rows 1,8 --out docs/bench/matmul_cpu.json
+    python -m meshserve.tools.bench_matmul                     # the 125M Llama of bench_engine.py
+    python -m meshserve.tools.bench_matmul --rows 1,8 --out docs/bench/matmul_cpu.json
 
 Every projection of every layer (and the LM head) once, as a dependent chain (each call's
 input comes from the previous output, so calls cannot overlap), at several row counts M
@@ -16,15 +16,12 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from pallas_kernels import packed_matmul as pm  # noqa: E402
-from tools.roofline import best_time  # noqa: E402
+from meshserve.pallas_kernels import packed_matmul as pm
+from meshserve.tools.roofline import best_time
 
 
 def _fit(x: jax.Array, k: int) -> jax.Array:

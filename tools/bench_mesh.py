@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
+from meshserve.tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
 
 
 def define_flags() -> None:
@@ -69,7 +69,7 @@ def define_flags() -> None:
 
 def parse_layouts(text: str | None, num_devices: int) -> list:
     """`--layouts` (';'-separated) or every factorisation of the devices."""
-    from meshes import enumerate_layouts, parse_layout
+    from meshserve.meshes import enumerate_layouts, parse_layout
 
     if not text or not text.strip():
         return enumerate_layouts(num_devices)
@@ -100,9 +100,9 @@ def bench(ckpt: str, layouts: list, workload, slo: dict[str, float], base_cfg, d
     """
     import jax
 
-    from models.checkpoint import checkpoint_config, read_manifest
-    from tools.bench_mesh_report import choose_best
-    from tools.bench_mesh_run import engine_config_for, plan_layout, run_layout
+    from meshserve.models.checkpoint import checkpoint_config, read_manifest
+    from meshserve.tools.bench_mesh_report import choose_best
+    from meshserve.tools.bench_mesh_run import engine_config_for, plan_layout, run_layout
 
     cfg = checkpoint_config(ckpt)
     engine_cfg = engine_config_for(workload, base_cfg, cfg.max_position_embeddings)
@@ -157,11 +157,11 @@ def main(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from engine.engine import EngineConfig
-    from meshes import default_compute_dtype
-    from tools.bench_mesh_report import format_table, write_outputs
-    from tools.bench_mesh_run import Workload
-    from tools.bench_serving import parse_slo
+    from meshserve.engine.engine import EngineConfig
+    from meshserve.meshes import default_compute_dtype
+    from meshserve.tools.bench_mesh_report import format_table, write_outputs
+    from meshserve.tools.bench_mesh_run import Workload
+    from meshserve.tools.bench_serving import parse_slo
 
     f = flags.FLAGS
     if f.request_rate <= 0 or f.burstiness <= 0:
@@ -201,6 +201,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from tools.cli import main as cli_main
+    from meshserve.tools.cli import main as cli_main
 
     cli_main([sys.argv[0], "bench-mesh", *sys.argv[1:]])

@@ -8,8 +8,8 @@ import json
 import math
 import os
 
-from meshes import MeshLayout, parse_layout
-from tools.bench_mesh_hlo import KINDS
+from meshserve.meshes import MeshLayout, parse_layout
+from meshserve.tools.bench_mesh_hlo import KINDS
 
 # The keys every per-layout object of results.json has (others are extra detail).
 REQUIRED_KEYS: tuple[str, ...] = (

@@ -17,14 +17,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine.engine import Engine, EngineConfig
-from engine.sampling_params import SamplingParams
-from meshes import LayoutError, MeshLayout, make_mesh, split_slices
-from models.config import ModelConfig
-from models.loading import layout_problems, load_checkpoint, memory_plan
-from tools.bench_mesh_hlo import decode_collectives, megatron_min_all_reduces
-from tools.bench_mesh_report import REQUIRED_KEYS
-from tools.bench_serving import Result, arrival_times, lengths, summarize
+from meshserve.engine.engine import Engine, EngineConfig
+from meshserve.engine.sampling_params import SamplingParams
+from meshserve.meshes import LayoutError, MeshLayout, make_mesh, split_slices
+from meshserve.models.config import ModelConfig
+from meshserve.models.loading import layout_problems, load_checkpoint, memory_plan
+from meshserve.tools.bench_mesh_hlo import decode_collectives, megatron_min_all_reduces
+from meshserve.tools.bench_mesh_report import REQUIRED_KEYS
+from meshserve.tools.bench_serving import Result, arrival_times, lengths, summarize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +128,7 @@ def build_engines(ckpt: str, layout: MeshLayout, dtype, engine_cfg: EngineConfig
     compiles its first bucket for the initial shardings and the second pass compiles
     the steady-state variant; every later pass is a no-op.
     """
-    from serving.slices import Slice
+    from meshserve.serving.slices import Slice
 
     slices = []
     try:
@@ -156,9 +156,9 @@ def shutdown(slices: list) -> None:
 def decode_hlo(engine: Engine, seqs: int) -> str:
     """HLO text of the engine's compiled decode program for the `seqs` bucket, with the
     engine's current (steady-state) cache shardings: the program the workload runs."""
-    from engine.batching import build_inputs
-    from engine.config import bucket
-    from engine.scheduler import StepPlan
+    from meshserve.engine.batching import build_inputs
+    from meshserve.engine.config import bucket
+    from meshserve.engine.scheduler import StepPlan
 
     cfg = engine.config
     s = bucket(seqs, cfg.seq_buckets())
@@ -172,7 +172,7 @@ def decode_hlo(engine: Engine, seqs: int) -> str:
 
 
 async def _one(router, index: int, prompt: list[int], out_len: int) -> Result:
-    from serving.slices import NoHealthySliceError
+    from meshserve.serving.slices import NoHealthySliceError
 
     result = Result(input_len=len(prompt))
     cost = len(prompt) + out_len  # what the server's router balances (prompt + max_tokens)
@@ -231,7 +231,7 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
                workload: Workload, slo: dict[str, float],
                log: Callable[[str], None] = print) -> dict:
     """Load, warm up, measure and count collectives for one fitting layout."""
-    from serving.slices import Router
+    from meshserve.serving.slices import Router
 
     counter = _compile_counter()
     t0 = time.perf_counter()

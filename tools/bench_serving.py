@@ -162,9 +162,9 @@ async def run(target: str, num_prompts: int, request_rate: float, burstiness: fl
               tls_ca: str | None = None) -> dict:
     import grpc
 
-    from serving.client import auth_metadata, channel_credentials, channel_options
-    from serving.proto import meshserve_pb2 as pb
-    from serving.proto import meshserve_pb2_grpc as pb_grpc
+    from meshserve.serving.client import auth_metadata, channel_credentials, channel_options
+    from meshserve.serving.proto import meshserve_pb2 as pb
+    from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 
     check_loopback(target)
     metadata = auth_metadata(token)
@@ -226,7 +226,7 @@ def describe(s: dict) -> str:
 
 def main(argv: list[str]) -> int:
     del argv
-    from serving.client import read_token
+    from meshserve.serving.client import read_token
 
     f = flags.FLAGS
     if f.request_rate <= 0 or f.burstiness <= 0:
@@ -245,6 +245,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from tools.cli import main as cli_main
+    from meshserve.tools.cli import main as cli_main
 
     cli_main([sys.argv[0], "bench-serving", *sys.argv[1:]])

@@ -12,11 +12,11 @@ import sys
 from absl import app, flags
 
 SUBCOMMANDS = {
-    "convert": ("tools.convert", "convert a Hugging Face safetensors model to a checkpoint"),
-    "generate": ("tools.generate", "generate text offline (or from a server with --target)"),
-    "serve": ("tools.serve", "serve a model over gRPC (streaming generation, health, metrics)"),
-    "bench-serving": ("tools.bench_serving", "load-test a running server (vLLM bench serve style)"),
-    "bench-mesh": ("tools.bench_mesh", "measure every layout that fits, pick the best for an SLO"),
+    "convert": ("convert", "convert a Hugging Face safetensors model to a checkpoint"),
+    "generate": ("generate", "generate text offline (or from a server with --target)"),
+    "serve": ("serve", "serve a model over gRPC (streaming generation, health, metrics)"),
+    "bench-serving": ("bench_serving", "load-test a running server (vLLM bench serve style)"),
+    "bench-mesh": ("bench_mesh", "measure every layout that fits, pick the best for an SLO"),
 }
 
 # Errors that mean "your input is wrong": print the message, no traceback, exit 2.
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in SUBCOMMANDS:
         print(f"meshserve: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module = importlib.import_module(f"meshserve.tools.{SUBCOMMANDS[name][0]}")
     define_common_flags()
     module.define_flags()
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(args: list[str]) -> int:
         from absl import logging
 
-        from meshes import set_cpu_device_count
+        from meshserve.meshes import set_cpu_device_count
 
         if quiet:  # Orbax logs every save/restore at INFO; -v / --verbosity brings it back.
             logging.set_verbosity(logging.WARNING)

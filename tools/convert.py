@@ -14,10 +14,10 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from models.checkpoint import TOKENIZER_FILES, checkpoint_writer
-from models.config import ModelConfig, load_hf_config
-from models.hf_weights import item_of, unexpected_names, weight_mappings
-from models.safetensors_io import SafetensorsCheckpoint
+from meshserve.models.checkpoint import TOKENIZER_FILES, checkpoint_writer
+from meshserve.models.config import ModelConfig, load_hf_config
+from meshserve.models.hf_weights import item_of, unexpected_names, weight_mappings
+from meshserve.models.safetensors_io import SafetensorsCheckpoint
 
 DTYPES = {
     "float32": np.float32,

@@ -7,7 +7,7 @@ import sys
 
 from absl import flags
 
-from tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
+from meshserve.tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
 
 
 def define_flags() -> None:
@@ -41,7 +41,7 @@ def _prompt_ids(tokenizer) -> list[int]:
 
 def _remote() -> int:
     """--target: stream from a server, printing text as it arrives."""
-    from serving import client
+    from meshserve.serving import client
 
     f = flags.FLAGS
     if (f.prompt is None) == (f.token_ids is None):
@@ -61,12 +61,12 @@ def main(argv: list[str]) -> int:
         return _remote()
     import jax.numpy as jnp
 
-    from engine.engine import Engine, EngineConfig
-    from engine.sampling_params import SamplingParams
-    from meshes import default_compute_dtype, make_mesh, parse_layout
-    from models.checkpoint import checkpoint_config
-    from models.loading import load_checkpoint, memory_plan
-    from models.tokenizer import find_tokenizer
+    from meshserve.engine.engine import Engine, EngineConfig
+    from meshserve.engine.sampling_params import SamplingParams
+    from meshserve.meshes import default_compute_dtype, make_mesh, parse_layout
+    from meshserve.models.checkpoint import checkpoint_config
+    from meshserve.models.loading import load_checkpoint, memory_plan
+    from meshserve.models.tokenizer import find_tokenizer
 
     f = flags.FLAGS
     with checkpoint_dir() as ckpt:

@@ -35,7 +35,7 @@ def checkpoint_dir() -> Iterator[str]:
     if f.checkpoint and f.hf:
         raise ValueError("give only one of --checkpoint or --hf")
     if not f.checkpoint and not f.hf:
-        from models.demo import DEMO_LABEL, ensure_demo_checkpoint
+        from meshserve.models.demo import DEMO_LABEL, ensure_demo_checkpoint
 
         print(f"no --checkpoint or --hf: using the embedded {DEMO_LABEL}", file=sys.stderr)
         yield ensure_demo_checkpoint()
@@ -43,7 +43,7 @@ def checkpoint_dir() -> Iterator[str]:
     if f.checkpoint:
         yield f.checkpoint
         return
-    from tools.convert import convert
+    from meshserve.tools.convert import convert
 
     with tempfile.TemporaryDirectory(prefix="meshserve-ckpt-") as tmp:
         print(f"converting {f.hf} ...", file=sys.stderr)

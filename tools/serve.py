@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from tools import serve_multihost
-from tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
+from meshserve.tools import serve_multihost
+from meshserve.tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
 
 # Joins a multi-process group (--coordinator ...) before JAX's backends start.
 init_runtime = serve_multihost.init_runtime
@@ -70,15 +70,15 @@ def _read(path: str | None) -> bytes | None:
 
 def main(argv: list[str]) -> int:
     del argv
-    from engine.engine import EngineConfig
-    from meshes import default_compute_dtype
-    from serving import launch, logs
-    from serving.auth import read_token_file
-    from serving.server import ServerOptions
+    from meshserve.engine.engine import EngineConfig
+    from meshserve.meshes import default_compute_dtype
+    from meshserve.serving import launch, logs
+    from meshserve.serving.auth import read_token_file
+    from meshserve.serving.server import ServerOptions
 
     f = flags.FLAGS
     logs.configure(f.log_level)
-    from tools.bench_mesh_report import apply_layout_from
+    from meshserve.tools.bench_mesh_report import apply_layout_from
 
     apply_layout_from(f)
     options = ServerOptions(

@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from absl import flags
 
-from meshes.distributed import EXIT_GROUP_FAILED, EXIT_STARTUP, DistributedConfig
+from meshserve.meshes.distributed import EXIT_GROUP_FAILED, EXIT_STARTUP, DistributedConfig
 
 ENV_SECRET = "MESHSERVE_MULTIHOST_SECRET"
 _LOOPBACK_SECRET = b"meshserve-loopback-only"  # all processes on one host; see _secret()
@@ -62,7 +62,7 @@ def define_flags() -> None:
 def init_runtime() -> None:
     """Join the process group; the CLI calls this before anything starts a JAX backend."""
     global _GROUP
-    from meshes import distributed
+    from meshserve.meshes import distributed
 
     f = flags.FLAGS
     cfg = distributed.resolve(
@@ -93,13 +93,13 @@ def active() -> bool:
 
 
 def _log(name: str, **fields) -> None:
-    from serving import logs
+    from meshserve.serving import logs
 
     logs.event(name, **fields)
 
 
 def _secret(coordinator_host: str) -> bytes:
-    from meshes.distributed import is_loopback
+    from meshserve.meshes.distributed import is_loopback
 
     f = flags.FLAGS
     if f.multihost_secret_file:
@@ -125,7 +125,7 @@ def _fingerprint(ckpt: str, engine_config, dtype: str, layout: str) -> dict:
 
     import jax
 
-    from models.checkpoint import MANIFEST
+    from meshserve.models.checkpoint import MANIFEST
 
     with open(os.path.join(ckpt, MANIFEST), "rb") as fh:
         manifest = hashlib.sha256(fh.read()).hexdigest()[:16]
@@ -137,7 +137,7 @@ def _fingerprint(ckpt: str, engine_config, dtype: str, layout: str) -> dict:
 def _global_mesh(text: str):
     import jax
 
-    from meshes import LayoutError, make_mesh, parse_layout
+    from meshserve.meshes import LayoutError, make_mesh, parse_layout
 
     layout = parse_layout(text)
     total, local = jax.device_count(), jax.local_device_count()
@@ -155,8 +155,8 @@ def _global_mesh(text: str):
 def main(options, engine_config, dtype: str) -> int:
     """Run this process's part; start-up errors end the process (EXIT_STARTUP) rather
     than return into JAX's exit-time barrier with peers that may be gone."""
-    from meshes.distributed import exit_now, split_address
-    from tools.model_flags import checkpoint_dir
+    from meshserve.meshes.distributed import exit_now, split_address
+    from meshserve.tools.model_flags import checkpoint_dir
 
     f = flags.FLAGS
     group = _GROUP
@@ -184,8 +184,8 @@ def main(options, engine_config, dtype: str) -> int:
 def _load(ckpt: str, mesh, dtype: str, engine_config):
     import jax.numpy as jnp
 
-    from engine.multihost import agree_config
-    from models.loading import load_checkpoint
+    from meshserve.engine.multihost import agree_config
+    from meshserve.models.loading import load_checkpoint
 
     model = load_checkpoint(ckpt, mesh, jnp.dtype(dtype))  # collective: every process
     return model, agree_config(model, engine_config)
@@ -193,13 +193,13 @@ def _load(ckpt: str, mesh, dtype: str, engine_config):
 
 def _leader(group, ckpt, mesh, layout, options, engine_config, dtype, secret, host, port,
             fingerprint) -> int:
-    from engine.multihost import LeaderFailure, MultiHostEngine
-    from engine.step_channel import LeaderLink
-    from meshes.distributed import is_loopback
-    from models.checkpoint import checkpoint_config
-    from models.tokenizer import find_tokenizer
-    from serving import launch
-    from serving.slices import Slice, model_info
+    from meshserve.engine.multihost import LeaderFailure, MultiHostEngine
+    from meshserve.engine.step_channel import LeaderLink
+    from meshserve.meshes.distributed import is_loopback
+    from meshserve.models.checkpoint import checkpoint_config
+    from meshserve.models.tokenizer import find_tokenizer
+    from meshserve.serving import launch
+    from meshserve.serving.slices import Slice, model_info
 
     f = flags.FLAGS
     link = LeaderLink(host if is_loopback(host) else "", port, secret, group.num_processes,
@@ -229,7 +229,7 @@ def _leader(group, ckpt, mesh, layout, options, engine_config, dtype, secret, ho
 
 def _serve_then_leave(group, loaded, options, link, failure) -> int:
     """Serve until SIGTERM; then stop the followers and leave the group together."""
-    from serving import launch
+    from meshserve.serving import launch
 
     try:
         code = launch.serve(loaded, options)
@@ -247,7 +247,7 @@ def _leave(group, code: int) -> NoReturn:
     with `code` without interpreter finalization: with gRPC's and JAX's native threads
     still around, finalization aborted ("FATAL: exception not rethrown", SIGABRT) in
     about one clean stop in three here. Everything was already stopped and flushed."""
-    from meshes.distributed import shutdown
+    from meshserve.meshes.distributed import shutdown
 
     try:
         shutdown(group.shutdown_timeout)
@@ -261,9 +261,9 @@ def _leave(group, code: int) -> NoReturn:
 
 def _follower(group, ckpt, mesh, options, engine_config, dtype, secret, host, port,
               fingerprint) -> int:
-    from engine.multihost import MultiHostEngine, run_follower
-    from engine.step_channel import FollowerLink
-    from meshes.distributed import exit_now
+    from meshserve.engine.multihost import MultiHostEngine, run_follower
+    from meshserve.engine.step_channel import FollowerLink
+    from meshserve.meshes.distributed import exit_now
 
     f = flags.FLAGS
     pid = group.process_id
@@ -311,7 +311,7 @@ def _health_server(options):
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from serving.service import SERVICE_NAME
+    from meshserve.serving.service import SERVICE_NAME
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
                          options=[("grpc.so_reuseport", 0)])

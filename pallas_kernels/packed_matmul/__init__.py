@@ -1,6 +1,6 @@
 """x @ w on XLA:CPU with w stored as column panels (a C++ FFI kernel) and its reference."""
 
-from pallas_kernels.packed_matmul.ops import (
+from meshserve.pallas_kernels.packed_matmul.ops import (
     PANEL,
     available,
     pack,

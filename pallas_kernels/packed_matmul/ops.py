@@ -13,7 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cpu_build
+from meshserve.pallas_kernels import cpu_build
 
 PANEL = 32
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")

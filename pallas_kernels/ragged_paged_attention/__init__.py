@@ -5,25 +5,25 @@ or the pure-JAX reference (see ``dispatch``). ``write_kv_pages`` only writes the
 K/V into pages.
 """
 
-from pallas_kernels.ragged_paged_attention.cpu_kernel import ragged_paged_attention_cpu
-from pallas_kernels.ragged_paged_attention.dispatch import (
+from meshserve.pallas_kernels.ragged_paged_attention.cpu_kernel import ragged_paged_attention_cpu
+from meshserve.pallas_kernels.ragged_paged_attention.dispatch import (
     DEBUG_ENV_VAR,
     IMPL_ENV_VAR,
     IMPLS,
     ragged_paged_attention,
     resolve_impl,
 )
-from pallas_kernels.ragged_paged_attention.gpu_kernel import ragged_paged_attention_gpu
-from pallas_kernels.ragged_paged_attention.reference import (
+from meshserve.pallas_kernels.ragged_paged_attention.gpu_kernel import ragged_paged_attention_gpu
+from meshserve.pallas_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention_reference,
     write_kv_pages,
 )
-from pallas_kernels.ragged_paged_attention.tpu_kernel import (
+from meshserve.pallas_kernels.ragged_paged_attention.tpu_kernel import (
     choose_block_sizes,
     ragged_paged_attention_tpu,
     vmem_footprint,
 )
-from pallas_kernels.ragged_paged_attention.validation import (
+from meshserve.pallas_kernels.ragged_paged_attention.validation import (
     validate_dynamic,
     validate_static,
 )

@@ -34,7 +34,7 @@ constexpr int kMaxHeadDim = 256;
 // requests in address order close to their use (long blocks streamed 5-8% slower).
 constexpr int kMaxBlock = 64;
 constexpr int kStreamBlock = 16, kStreamAhead = 32;
-// Finite, as in the reference: built with -ffast-math, so no infinities anywhere.
+// Finite, as in the reference: a masked score is a number, never -inf.
 constexpr float kMaskValue = -0.7f * std::numeric_limits<float>::max();
 
 struct Problem {

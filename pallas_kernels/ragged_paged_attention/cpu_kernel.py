@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import cpu_build
-from pallas_kernels.ragged_paged_attention import reference, validation
+from meshserve.pallas_kernels import cpu_build
+from meshserve.pallas_kernels.ragged_paged_attention import reference, validation
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
 TARGET = "meshserve_ragged_paged_attention_cpu"

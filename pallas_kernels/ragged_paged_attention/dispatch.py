@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pallas_kernels.ragged_paged_attention import (
+from meshserve.pallas_kernels.ragged_paged_attention import (
     cpu_kernel,
     gpu_kernel,
     reference,

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.ragged_paged_attention import reference, validation
+from meshserve.pallas_kernels.ragged_paged_attention import reference, validation
 
 MASK_VALUE = reference.MASK_VALUE
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from pallas_kernels.ragged_paged_attention import validation
+from meshserve.pallas_kernels.ragged_paged_attention import validation
 
 # Finite so that fully-masked rows never produce inf - inf = NaN in the online softmax.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -348,6 +348,9 @@ def paged_attention_from_pages(
 
     _, denom, acc = jax.lax.fori_loop(0, n_iter, body, (m0, l0, acc0))
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # rows without keys are padding: 0
+    # Rows of other sequences in this block are zero (their p is 0), unless one of this
+    # sequence's values is inf or NaN (0 * inf): they must not leak into those rows.
+    out = jnp.where(row_ok[:, None, :, None], out, 0.0)
     out = out.reshape(num_p, num_kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
     out = out.reshape(num_p, block_q, num_q_heads, head_dim)
     # Every valid token row is owned by exactly one pair; unused pairs go to a dropped block.

@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.typing import DTypeLike
 
-from pallas_kernels.ragged_paged_attention import reference, validation
+from meshserve.pallas_kernels.ragged_paged_attention import reference, validation
 
 MASK_VALUE = reference.MASK_VALUE
 _LANES = 128

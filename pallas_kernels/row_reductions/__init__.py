@@ -1,6 +1,6 @@
 """Row reductions of logits for sampling on XLA:CPU (a C++ FFI kernel) and their reference."""
 
-from pallas_kernels.row_reductions.ops import (
+from meshserve.pallas_kernels.row_reductions.ops import (
     argmax_log_norm,
     argmax_log_norm_reference,
     available,

@@ -21,8 +21,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Built with -ffast-math: the compiler may assume no inf/NaN in float arithmetic, so
-// non-finite values are recognised and produced through their bits only.
+// Non-finite values are recognised and produced through their bits: one integer test
+// per element picks the rows that need the reference's special rules.
 inline uint32_t Bits(float x) {
   uint32_t b;
   std::memcpy(&b, &x, sizeof b);

@@ -11,7 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cpu_build
+from meshserve.pallas_kernels import cpu_build
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")
 TARGET = "meshserve_argmax_log_norm"

@@ -6,11 +6,16 @@
 # grpcio >= X.Y and a protobuf runtime no older than the bundled protoc's gencode version
 # (see pyproject.toml); regenerate with an older grpcio-tools to support older runtimes.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$root"
-# -I at the repo root makes the generated code import `serving.proto.meshserve_pb2`.
-python -m grpc_tools.protoc -I. \
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The installed module is meshserve.serving.proto.meshserve_pb2: protoc derives the
+# generated imports from the .proto's path below -I, so compile it at that path.
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/meshserve/serving/proto"
+cp "$here/meshserve.proto" "$work/meshserve/serving/proto/"
+(cd "$work" && python -m grpc_tools.protoc -I. \
   --python_out=. --pyi_out=. --grpc_python_out=. \
-  serving/proto/meshserve.proto
+  meshserve/serving/proto/meshserve.proto)
+cp "$work"/meshserve/serving/proto/meshserve_pb2{.py,.pyi,_grpc.py} "$here/"
 echo "regenerated serving/proto/meshserve_pb2{.py,.pyi,_grpc.py} with grpcio-tools" \
   "$(python -c 'import grpc_tools.grpc_version as v; print(v.VERSION)')"
