@@ -21,14 +21,14 @@ def build_inputs(
     """numpy arrays shaped [data, bucket...]; padding rows and tokens write nothing.
     Buckets come from the plan unless given (warm-up compiles every bucket)."""
     d = len(plan.shards)
-    s = seqs_bucket or bucket(max(1, max(len(rows) for rows in plan.shards)), cfg.seq_buckets())
-    if tokens_bucket:
-        t = tokens_bucket
-    elif plan.decode:
-        t = s
+    seqs = max(1, max(len(rows) for rows in plan.shards))
+    if plan.decode:
+        s = seqs_bucket or bucket(seqs, cfg.seq_buckets())
+        t = tokens_bucket or s
     else:
         used = max(sum(r.num_new for r in rows) for rows in plan.shards)
-        t = bucket(max(1, used), cfg.token_buckets())
+        t = tokens_bucket or bucket(max(1, used), cfg.token_buckets())
+        s = seqs_bucket or bucket(seqs, cfg.mixed_seq_buckets(t))
     tokens = np.zeros((d, t), np.int32)
     positions = np.zeros((d, t), np.int32)
     token_slot = np.full((d, t), cfg.max_seqs, np.int32)

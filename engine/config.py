@@ -18,8 +18,9 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 class EngineConfig:
     """Limits are per data shard (each shard has its own batch and page pool).
 
-    num_pages None: size the pool from `kv_memory_fraction` of what the memory planner
-    says is left on a device after weights and the step reserve.
+    num_pages None: the smaller of what `kv_memory_fraction` of the memory left after
+    weights and the step reserve holds, and what `max_seqs` sequences of `max_model_len`
+    tokens can ever use (see `engine.plan_num_pages`).
     """
 
     page_size: int = 16
@@ -41,6 +42,9 @@ class EngineConfig:
     # Smallest buckets: raising them trades padding for fewer compiled programs.
     min_token_bucket: int = 16
     min_seq_bucket: int = 1
+    # Mixed (prefill) steps of a token bucket T use one of two batch buckets: this many
+    # rows when as few sequences take part, else min(T, max_seqs) (see `programs`).
+    mixed_small_seqs: int = 8
     seed: int = 0
     # One CPU device: keep the projection weights panel-packed for the C++ matmul kernel
     # (engine/packing.py), ~2x XLA:CPU's speed at decode batch sizes.
@@ -60,7 +64,26 @@ class EngineConfig:
         )
 
     def seq_buckets(self) -> tuple[int, ...]:
+        """Batch buckets of decode calls."""
         return _powers_of_two(min(self.min_seq_bucket, self.max_seqs), self.max_seqs)
+
+    def mixed_seq_buckets(self, tokens_bucket: int) -> tuple[int, ...]:
+        """Batch buckets of a mixed step of `tokens_bucket` tokens. Every sequence in a
+        mixed step brings at least one token, so min(T, max_seqs) rows always suffice; a
+        small bucket beside it keeps a lone prefill from computing logits and sampling
+        for up to max_seqs padded rows. (Attention and the KV writes stop at the real
+        sequence count whatever the bucket: padded rows cost only their row of the LM
+        head and the sampler.)"""
+        full = min(tokens_bucket, self.max_seqs)
+        return tuple(sorted({min(self.mixed_small_seqs, full), full}))
+
+    def programs(self) -> tuple[tuple[bool, int, int], ...]:
+        """(decode, tokens bucket, seqs bucket) of every program a step can run: what
+        `Engine.warmup` compiles. Mixed steps: each token bucket with its batch buckets;
+        decode calls (decode_steps > 1): one per batch bucket, one token per row."""
+        mixed = [(False, t, s) for t in self.token_buckets() for s in self.mixed_seq_buckets(t)]
+        decode = [(True, s, s) for s in self.seq_buckets()] if self.decode_steps > 1 else []
+        return tuple(mixed + decode)
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:

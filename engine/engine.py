@@ -7,11 +7,14 @@ handle. See engine/API.md.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import jax
@@ -33,6 +36,8 @@ from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel, memory_plan
 from meshserve.models.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 __all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "RequestHandle"]
 
 
@@ -44,8 +49,31 @@ class EngineDeadError(RuntimeError):
     """The engine stopped or failed and accepts no requests."""
 
 
-def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -> int:
-    """Pages per data shard from what the memory planner leaves after weights."""
+@dataclasses.dataclass(frozen=True)
+class KVPoolPlan:
+    """How many KV pages each data shard gets, and why."""
+
+    pages: int
+    budget_pages: int | None  # what the memory left after weights holds (None: not asked)
+    use_pages: int  # what max_seqs sequences of max_model_len tokens can ever use
+    chosen_by: str  # "memory", "use" or "config" (EngineConfig.num_pages)
+    page_bytes: int  # one page on one device, all layers
+
+    @property
+    def bytes_per_device(self) -> int:
+        return self.pages * self.page_bytes
+
+    def describe(self) -> str:
+        budget = "-" if self.budget_pages is None else str(self.budget_pages)
+        return (f"KV pool {self.pages} pages per data shard "
+                f"({self.bytes_per_device / 2**20:.2f} MiB per device; memory allows "
+                f"{budget}, max_seqs x max_model_len uses {self.use_pages}; "
+                f"chosen by {self.chosen_by})")
+
+
+def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -> KVPoolPlan:
+    """Pages per data shard: min(what the memory planner leaves after weights, pages for
+    `max_seqs` sequences of `max_model_len` tokens), or `cfg.num_pages` when set."""
     mc = model.config
     per_page = (
         mc.num_layers
@@ -55,6 +83,10 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
         * mc.head_dim
         * jnp.dtype(model.dtype).itemsize
     ) // model.rules.axis_size("kv_heads")
+    need = math.ceil(max_model_len / cfg.page_size)
+    use = cfg.max_seqs * need
+    if cfg.num_pages is not None:
+        return KVPoolPlan(cfg.num_pages, None, use, "config", per_page)
     plan = memory_plan(
         model.source_config, model.rules.mesh, model.dtype, 0,
         max_step_tokens=cfg.max_step_tokens, capacity_bytes=cfg.device_memory_bytes,
@@ -65,14 +97,15 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
     if cfg.max_kv_memory_bytes is not None:
         budget = min(budget, cfg.max_kv_memory_bytes)
     pages = int(budget // per_page)
-    need = math.ceil(max_model_len / cfg.page_size)
     if pages < need:
         raise ValueError(
             f"KV cache room for {pages} pages of {cfg.page_size} tokens per device, but one "
             f"sequence of max_model_len={max_model_len} needs {need}: lower max_model_len "
             f"or use more tensor parallelism"
         )
-    return pages
+    if use <= pages:
+        return KVPoolPlan(use, pages, use, "use", per_page)
+    return KVPoolPlan(pages, pages, use, "memory", per_page)
 
 
 class Engine:
@@ -96,7 +129,8 @@ class Engine:
             cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
         self.pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
-        self.num_pages = cfg.num_pages or plan_num_pages(model, cfg, self.max_model_len)
+        self.kv_pool = plan_num_pages(model, cfg, self.max_model_len)
+        self.num_pages = self.kv_pool.pages
         rules = model.rules
         self.data_shards = rules.axis_size("batch")
         self._kv = init_paged_cache(
@@ -123,6 +157,9 @@ class Engine:
         # Chain decode calls (one process only: a multi-host follower runs what it is sent).
         self.overlap = cfg.overlap_decode
         self._chained_calls = 0
+        # Set by warmup(): later compiles are counted (and logged) as misses.
+        self._compiles_at_warmup: int | None = None
+        self.compiles_after_warmup = 0
         self._stopping = False
         self.error: str | None = None
 
@@ -220,6 +257,7 @@ class Engine:
             finished=self._finished,
             compiles=self.compiles,
             chained_calls=self._chained_calls,
+            compiles_after_warmup=self.compiles_after_warmup,
         )
 
     def start(self) -> Engine:
@@ -331,6 +369,14 @@ class Engine:
         self._kv, self._counts, self._seen, out = self._fns.run(
             self._kv, self._counts, self._seen, self._put(inputs), decode, prev
         )
+        if self._compiles_at_warmup is not None:
+            fresh = self.compiles - self._compiles_at_warmup - self.compiles_after_warmup
+            if fresh > 0:  # a program warm-up missed: a request waited for a compile
+                self.compiles_after_warmup += fresh
+                log.warning("compiled after warm-up: %s step, %d tokens x %d sequences "
+                            "(%d such compiles so far)", "decode" if decode else "mixed",
+                            np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1],
+                            self.compiles_after_warmup)
         return out
 
     def execute(self, inputs: StepInputs, decode: bool) -> StepOutputs:
@@ -347,22 +393,27 @@ class Engine:
 
         return jax.tree.map(place, inputs)
 
-    def warmup(self) -> int:
-        """Compile every bucket now so that no batch composition compiles later."""
-        cfg = self.config
-        for t in cfg.token_buckets():
-            for s in cfg.seq_buckets():
-                if s <= t:
-                    self._run_empty(t, s, decode=False)
-        if cfg.decode_steps > 1:
-            for s in cfg.seq_buckets():
-                self._run_empty(s, s, decode=True)
+    def warmup(self, progress: Callable[[int, int, float], None] | None = None) -> int:
+        """Compile every program a step can run (`EngineConfig.programs`) now, so that no
+        batch composition compiles later; returns the compile count."""
+        programs = self.config.programs()
+        start = time.monotonic()
+        for i, (decode, t, s) in enumerate(programs, 1):
+            self._run_empty(t, s, decode)
+            if progress is not None:
+                progress(i, len(programs), time.monotonic() - start)
+        self._compiles_at_warmup = self.compiles
         return self.compiles
 
     def precompile(self, decode: bool, seqs: int, tokens: int | None = None) -> None:
         """Compile the program for the buckets holding `seqs` sequences / `tokens` tokens."""
-        s = bucket(seqs, self.config.seq_buckets())
-        t = s if decode else bucket(tokens or s, self.config.token_buckets())
+        cfg = self.config
+        if decode:
+            s = bucket(seqs, cfg.seq_buckets())
+            t = s
+        else:
+            t = bucket(tokens or seqs, cfg.token_buckets())
+            s = bucket(seqs, cfg.mixed_seq_buckets(t))
         self._run_empty(t, s, decode)
 
     def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:

@@ -106,7 +106,7 @@ def agree_config(model: ShardedModel, cfg: EngineConfig) -> EngineConfig:
         return cfg
     mc = model.config
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    pages = np.asarray(plan_num_pages(model, cfg, max_len), np.int32)
+    pages = np.asarray(plan_num_pages(model, cfg, max_len).pages, np.int32)
     return dataclasses.replace(cfg, num_pages=int(np.min(multihost_utils.process_allgather(pages))))
 
 

@@ -55,3 +55,4 @@ class EngineStats:
     finished: int
     compiles: int
     chained_calls: int = 0  # decode calls launched before the previous call's results
+    compiles_after_warmup: int = 0  # programs compiled after warmup() (should stay 0)

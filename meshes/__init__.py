@@ -1,5 +1,6 @@
 """Meshes, layouts, sharding rules and memory planning: the bottom layer."""
 
+from meshserve.meshes.compile_cache import CompileCounter, enable_compilation_cache
 from meshserve.meshes.devices import default_compute_dtype, set_cpu_device_count
 from meshserve.meshes.layout import (
     LAYOUT_KEYS,
@@ -24,6 +25,7 @@ from meshserve.meshes.rules import ShardingRules, constrain, use_rules
 __all__ = [
     "LAYOUT_KEYS",
     "MESH_AXES",
+    "CompileCounter",
     "DoesNotFitError",
     "LayoutError",
     "MemoryPlan",
@@ -34,6 +36,7 @@ __all__ = [
     "constrain",
     "default_compute_dtype",
     "device_capacity_bytes",
+    "enable_compilation_cache",
     "enumerate_layouts",
     "make_mesh",
     "parse_layout",

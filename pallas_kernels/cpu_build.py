@@ -27,6 +27,8 @@ import threading
 
 import jax
 
+from meshserve.meshes.compile_cache import PrivateDirError, private_directory, user_cache_path
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "MESHSERVE_KERNEL_CACHE"
@@ -96,23 +98,11 @@ def _find_toolchain() -> tuple[str, str]:
 
 def cache_dir() -> str:
     """The kernel cache, created 0700 and checked to be the user's own and private."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.abspath(os.environ.get(CACHE_ENV_VAR) or os.path.join(base, "meshserve",
-                                                                        "kernels"))
+    path = os.environ.get(CACHE_ENV_VAR) or user_cache_path("kernels")
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise KernelBuildError(f"cannot create the kernel cache {path} ({e}); set "
-                               f"${CACHE_ENV_VAR} to a directory of yours") from e
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise KernelBuildError(f"kernel cache {path} is not a directory (a link?)")
-    if info.st_uid != os.getuid():
-        raise KernelBuildError(f"kernel cache {path} belongs to uid {info.st_uid}, not to "
-                               f"you ({os.getuid()}); set ${CACHE_ENV_VAR}")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)  # ours: make it private before trusting what is in it
-    return path
+        return private_directory(path, "kernel cache", CACHE_ENV_VAR)
+    except PrivateDirError as e:
+        raise KernelBuildError(str(e)) from e
 
 
 def _check_library(path: str) -> None:

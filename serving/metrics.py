@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from meshserve.serving.slices import Slice
@@ -23,7 +23,7 @@ _LATENCY_BUCKETS = (
 )
 REJECT_REASONS = (
     "invalid", "overloaded", "unavailable", "unauthenticated", "draining", "no_tokenizer",
-    "duplicate_id",
+    "duplicate_id", "warming_up",
 )
 
 
@@ -47,6 +47,9 @@ class _SliceCollector:
                                       labels=["slice"])
         routed = CounterMetricFamily("meshserve_routed_requests",
                                      "Requests the router sent to the slice.", labels=["slice"])
+        late = CounterMetricFamily("meshserve_compiles_after_warmup",
+                                   "Programs compiled after warm-up (a request waited for "
+                                   "each; the log names its shape).", labels=["slice"])
         for s in self._slices:
             label = [str(s.index)]
             st = s.stats()
@@ -57,7 +60,8 @@ class _SliceCollector:
             healthy.add_metric(label, 1.0 if s.healthy else 0.0)
             preempt.add_metric(label, st.preemptions)
             routed.add_metric(label, s.routed)
-        yield from (running, waiting, usage, free, healthy, preempt, routed)
+            late.add_metric(label, st.compiles_after_warmup)
+        yield from (running, waiting, usage, free, healthy, preempt, routed, late)
 
 
 class ServingMetrics:
@@ -90,6 +94,11 @@ class ServingMetrics:
         for reason in REJECT_REASONS:  # export zeros so rates work from the start
             self.rejected.labels(reason)
         r.register(_SliceCollector(slices))
+        self.startup = Gauge("meshserve_startup_seconds", "Process start to ready, by phase "
+                             "(load, warmup, other, ready).", ["phase"], registry=r)
+        self.startup_programs = Gauge("meshserve_startup_programs", "Programs built during "
+                                      "warm-up, by source (compiled, cache).", ["source"],
+                                      registry=r)
         # Running sums for TensorBoard's per-interval means (read by its thread).
         self._lock = threading.Lock()
         self._sums: dict[str, list[float]] = {}

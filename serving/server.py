@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -91,6 +92,8 @@ class MeshServeServer:
         self._skip_grace: asyncio.Event | None = None
         self._monitor: asyncio.Task | None = None
         self._stopping = False
+        self._prepare_task: asyncio.Task | None = None
+        self.prepare_error: Exception | None = None
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port."""
@@ -154,7 +157,8 @@ class MeshServeServer:
         return self.port
 
     async def _readiness(self) -> None:
-        ready = not self.service.draining and bool(self.router.healthy())
+        svc = self.service
+        ready = not svc.draining and not svc.warming and bool(self.router.healthy())
         await self.health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
 
     async def _watch_health(self) -> None:
@@ -212,11 +216,47 @@ class MeshServeServer:
         logs.event("server_stopped", aborted_on_shutdown=len(left))
         self._stopped.set()
 
-    async def run_until_signal(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then drain and stop."""
+    def record_startup(self, load_seconds: float, warmup_seconds: float, ready_seconds: float,
+                       programs: int, from_cache: int) -> None:
+        other = max(0.0, ready_seconds - load_seconds - warmup_seconds)
+        st = self.service.startup
+        st.load_seconds, st.warmup_seconds = load_seconds, warmup_seconds
+        st.other_seconds, st.ready_seconds = other, ready_seconds
+        st.programs, st.programs_from_cache = programs, from_cache
+        for phase, value in (("load", load_seconds), ("warmup", warmup_seconds),
+                             ("other", other), ("ready", ready_seconds)):
+            self.metrics.startup.labels(phase).set(value)
+        self.metrics.startup_programs.labels("compiled").set(programs - from_cache)
+        self.metrics.startup_programs.labels("cache").set(from_cache)
+        logs.event("ready", seconds=round(ready_seconds, 2), load_s=round(load_seconds, 2),
+                   warmup_s=round(warmup_seconds, 2), other_s=round(other, 2),
+                   programs=programs, compiled=programs - from_cache, from_cache=from_cache)
+
+    async def _prepare(self, prepare: Callable[[], None], failed: asyncio.Event) -> None:
+        """Run `prepare` (warm-up) off the loop with readiness NOT_SERVING meanwhile."""
+        self.service.warming = True
+        await self._readiness()
+        try:
+            await asyncio.to_thread(prepare)
+        except Exception as e:  # the server cannot become ready: stop, exit non-zero
+            logs.event("warmup_failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
+            self.prepare_error = e
+            failed.set()
+            return
+        self.service.warming = False
+        self.service.startup.ready = True
+        await self._readiness()
+
+    async def run_until_signal(self, prepare: Callable[[], None] | None = None) -> None:
+        """Start, run `prepare` (the engines' warm-up) with readiness NOT_SERVING, serve
+        until SIGTERM or SIGINT, then drain and stop."""
         await self.start()
         loop = asyncio.get_running_loop()
         got = asyncio.Event()
+        if prepare is None:
+            self.service.startup.ready = True
+        else:
+            self._prepare_task = asyncio.create_task(self._prepare(prepare, got))
 
         def on_signal(signum: int) -> None:
             if got.is_set():
@@ -235,4 +275,6 @@ class MeshServeServer:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+        if self.prepare_error is not None:
+            raise self.prepare_error
 

@@ -102,6 +102,8 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         self.metrics = metrics
         self.inflight: dict[str, _Stream] = {}
         self.draining = False
+        self.warming = False  # set while the engines compile their programs
+        self.startup = pb.StartupInfo()
 
     async def _reject(self, context, code: grpc.StatusCode, reason: str, message: str,
                       request_id: str) -> None:
@@ -117,6 +119,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         if self.draining:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "draining",
                                "the server is shutting down", rid)
+        if self.warming:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "warming_up",
+                               "the server is warming up (readiness is NOT_SERVING)", rid)
         try:
             if request.HasField("prompt") and len(request.prompt) > OFFLOAD_PROMPT_CHARS:
                 # Tokenizing a long prompt takes milliseconds: keep the loop (health
@@ -238,6 +243,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             eos_token_ids=m.eos_token_ids, max_logprobs=lim.max_logprobs,
             max_request_bytes=lim.max_request_bytes, version=VERSION,
         )
+        info.startup.CopyFrom(self.startup)
+        info.startup.compiles_after_ready = sum(
+            s.engine.stats().compiles_after_warmup for s in self.router.slices)
         if m.bos_token_id is not None:
             info.bos_token_id = m.bos_token_id
         for s in self.router.slices:

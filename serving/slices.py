@@ -74,11 +74,13 @@ def model_info(ckpt_dir: str, dtype: str, source: str | None = None) -> ModelInf
 
 
 def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
-                 engine_config: EngineConfig, tokenizer, warmup: bool = False) -> list[Slice]:
+                 engine_config: EngineConfig, tokenizer, warmup: bool = False,
+                 start: bool = True) -> list[Slice]:
     """Load the checkpoint once per slice, each into its own mesh, and start the engines.
 
-    warmup compiles every shape bucket before the engine thread starts (it must not run
-    beside the step loop), so that no request waits for a compilation later.
+    warmup compiles every program before the engine thread starts (it must not run
+    beside the step loop), so that no request waits for a compilation later. With
+    start=False the engines are neither warmed up nor started: the caller does both.
     """
     import jax.numpy as jnp
 
@@ -97,18 +99,25 @@ def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
     # anything is loaded.
     cfg = checkpoint_config(ckpt_dir)
     max_len = engine_config.max_model_len or cfg.max_position_embeddings
-    plan = memory_plan(cfg, meshes[0], jnp.dtype(dtype), max_len,
-                       max_step_tokens=engine_config.max_step_tokens,
-                       capacity_bytes=engine_config.device_memory_bytes).check()
-    logs.event("memory_plan", detail=plan.describe())
+    memory_plan(cfg, meshes[0], jnp.dtype(dtype), max_len,
+                max_step_tokens=engine_config.max_step_tokens,
+                capacity_bytes=engine_config.device_memory_bytes).check()
     slices: list[Slice] = []
     try:
         for index, mesh in enumerate(meshes):
             model = load_checkpoint(ckpt_dir, mesh, jnp.dtype(dtype))
             engine = Engine(model, engine_config, tokenizer)
-            if warmup:
+            if index == 0:  # what is allocated per device, KV pool as sized
+                pool = engine.kv_pool
+                actual = memory_plan(cfg, mesh, jnp.dtype(dtype),
+                                     pool.pages * engine_config.page_size,
+                                     max_step_tokens=engine_config.max_step_tokens,
+                                     capacity_bytes=engine_config.device_memory_bytes)
+                logs.event("memory_plan", detail=actual.describe(), kv_pool=pool.describe())
+            if start and warmup:
                 engine.warmup()
-            engine.start()
+            if start:
+                engine.start()
             devices = tuple(str(d) for d in mesh.devices.flat)
             slices.append(Slice(index, engine, layout.to_string(), devices))
     except BaseException:

@@ -15,6 +15,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 _CACHE = os.path.join("/tmp", f"meshserve-jax-cache-{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", os.environ.get("MESHSERVE_TEST_JAX_CACHE", _CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Servers the tests start as subprocesses share that cache.
+os.environ.setdefault("MESHSERVE_COMPILATION_CACHE",
+                      os.environ.get("MESHSERVE_TEST_JAX_CACHE", _CACHE))
 
 import pytest  # noqa: E402
 

@@ -57,6 +57,7 @@ def demo_model(demo_ckpt):
     from meshserve.serving import launch
 
     model = launch.load(demo_ckpt, "", 1, "float32", SERVING_CONFIG, warmup=True)
+    launch.warm_up(model)  # what `serve` does once the port is open
     yield model
     for s in model.slices:
         s.engine.shutdown(timeout=10.0)
@@ -147,9 +148,12 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`meshserve serve` in a subprocess; the bound port is read from its JSON log."""
+    """`meshserve serve` in a subprocess; the bound port is read from its JSON log. With
+    wait_ready (the default) the constructor returns once the server says it is ready
+    (warm-up done), as a client watching readiness would wait."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 240.0):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 240.0,
+                 wait_ready: bool = True):
         self.stderr_lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshserve.tools.cli", "serve", "--port", "0", *args], cwd=REPO,
@@ -157,6 +161,7 @@ class ServeProcess:
             env={**os.environ, **(env or {})},
         )
         self._started = threading.Event()
+        self.ready = threading.Event()
         self.port: int | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -164,6 +169,9 @@ class ServeProcess:
             self.kill()
             raise AssertionError("server did not start:\n" + "".join(self.stderr_lines[-30:]))
         self.target = f"127.0.0.1:{self.port}"
+        if wait_ready and not (self.ready.wait(timeout) and self.proc.poll() is None):
+            self.kill()
+            raise AssertionError("server not ready:\n" + "".join(self.stderr_lines[-30:]))
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -172,7 +180,10 @@ class ServeProcess:
             if m:
                 self.port = int(m.group(1))
                 self._started.set()
+            if '"event": "ready"' in line:
+                self.ready.set()
         self._started.set()  # exited before starting
+        self.ready.set()
 
     @property
     def log(self) -> str:

@@ -196,7 +196,10 @@ def test_no_recompiles_after_warmup_for_random_streams(checkpoint_dir, layout):
                        decode_steps=4, max_logprobs=2)
     engine = make_engine(checkpoint_dir("llama"), layout, cfg)
     warm = engine.warmup()
-    assert warm == 2 * 3 + 3  # tokens {16,32} x seqs {1,2,4} (s <= t) + decode x {1,2,4}
+    # mixed: tokens {16, 32}, each with seqs min(T, max_seqs) = 4; decode: seqs {1, 2, 4}
+    assert cfg.programs() == ((False, 16, 4), (False, 32, 4),
+                              (True, 1, 1), (True, 2, 2), (True, 4, 4))
+    assert warm == len(cfg.programs())
     rng = random.Random(0)
     handles = []
     for step in range(60):
@@ -212,7 +215,7 @@ def test_no_recompiles_after_warmup_for_random_streams(checkpoint_dir, layout):
         engine.step()
     while engine.step():
         pass
-    assert engine.compiles == warm
+    assert engine.compiles == warm and engine.stats().compiles_after_warmup == 0
     assert engine.stats().chained_calls > 0  # calls chained on device outputs compile nothing
     assert all(list(h)[-1].finished for h in handles)
     assert_idle(engine)

@@ -32,6 +32,7 @@ def two_slices(demo_ckpt):  # noqa: F811
     from meshserve.serving import launch
 
     model = launch.load(demo_ckpt, "", 2, "float32", SERVING_CONFIG)
+    launch.warm_up(model)
     yield model
     for s in model.slices:
         s.engine.shutdown(timeout=10.0)

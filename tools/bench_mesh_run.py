@@ -161,10 +161,13 @@ def decode_hlo(engine: Engine, seqs: int) -> str:
     from meshserve.engine.scheduler import StepPlan
 
     cfg = engine.config
-    s = bucket(seqs, cfg.seq_buckets())
     # decode_steps=1 has no decode loop: decodes run as mixed steps of one token each.
     loop = cfg.decode_steps > 1
-    t = s if loop else bucket(s, cfg.token_buckets())
+    if loop:
+        s = t = bucket(seqs, cfg.seq_buckets())
+    else:
+        t = bucket(seqs, cfg.token_buckets())
+        s = bucket(seqs, cfg.mixed_seq_buckets(t))
     plan = StepPlan(decode=loop, shards=[[] for _ in range(engine.data_shards)])
     inputs = engine._put(build_inputs(plan, cfg, engine.pages_per_seq, 0, t, s))
     lowered = engine._fns.lower(engine._kv, engine._counts, engine._seen, inputs, loop)

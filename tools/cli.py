@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 from absl import app, flags
+
+# When this process began (close enough: before any heavy import), for start-up timing.
+PROCESS_START = time.monotonic()
 
 SUBCOMMANDS = {
     "convert": ("convert", "convert a Hugging Face safetensors model to a checkpoint"),
@@ -46,6 +50,13 @@ def define_common_flags() -> None:
         None,
         "Simulate this many devices on the CPU backend (try any layout on a laptop).",
     )
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        None,
+        "Persistent XLA compilation cache: a second start loads its programs instead of "
+        "compiling them (default: $MESHSERVE_COMPILATION_CACHE, else "
+        "~/.cache/meshserve/xla; 'none' turns it off).",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(args: list[str]) -> int:
         from absl import logging
 
-        from meshserve.meshes import set_cpu_device_count
+        from meshserve.meshes import enable_compilation_cache, set_cpu_device_count
 
         if quiet:  # Orbax logs every save/restore at INFO; -v / --verbosity brings it back.
             logging.set_verbosity(logging.WARNING)
@@ -75,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             # multi-process group with jax.distributed there).
             getattr(module, "init_runtime", lambda: None)()
             set_cpu_device_count(flags.FLAGS.cpu_devices)
+            try:
+                enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
+            except OSError as e:  # an unusable directory: run, compiling everything
+                print(f"meshserve {name}: warning: no compilation cache: {e}", file=sys.stderr)
             return module.main(args)
         except _USER_ERRORS as e:
             print(f"meshserve {name}: error: {e}", file=sys.stderr)

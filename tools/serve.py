@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from absl import flags
 
 from meshserve.tools import serve_multihost
+from meshserve.tools.cli import PROCESS_START
 from meshserve.tools.model_flags import capacity_bytes, checkpoint_dir, define_model_flags
 
 # Joins a multi-process group (--coordinator ...) before JAX's backends start.
@@ -102,7 +105,9 @@ def main(argv: list[str]) -> int:
     dtype = f.dtype or default_compute_dtype()
     if serve_multihost.active():
         return serve_multihost.main(options, engine_config, dtype)
+    load_started = time.monotonic()
     with checkpoint_dir() as ckpt:
         model = launch.load(ckpt, f.mesh, f.slices, dtype, engine_config,
-                            source=f.hf or f.checkpoint, warmup=f.warmup)
-    return launch.serve(model, options)
+                            source=f.hf or f.checkpoint, warmup=f.warmup,
+                            load_started=load_started)
+    return launch.serve(model, options, process_start=PROCESS_START)

@@ -219,8 +219,10 @@ def _leader(group, ckpt, mesh, layout, options, engine_config, dtype, secret, ho
         engine.warmup()
     engine.start()
     devices = tuple(str(d) for d in mesh.devices.flat)
+    # Warmed up and started already: the followers run warm-up's steps in lockstep.
     loaded = launch.LoadedModel([Slice(0, engine, layout.to_string(), devices)], tokenizer,
-                                model_info(ckpt, dtype, f.hf or f.checkpoint))
+                                model_info(ckpt, dtype, f.hf or f.checkpoint), warmup=False,
+                                load_seconds=0.0)
     _log("model_loaded", model=loaded.info.name, dtype=dtype, slices=1,
          layout=layout.to_string(), processes=group.num_processes,
          num_pages=engine.num_pages, max_model_len=engine.max_model_len)

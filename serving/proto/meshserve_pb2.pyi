@@ -161,7 +161,7 @@ class SliceInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., mesh_layout: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., preemptions: _Optional[int] = ..., routed_requests: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "dtype", "slice_count", "slices", "max_model_len", "vocab_size", "page_size", "demo", "has_tokenizer", "bos_token_id", "eos_token_ids", "max_logprobs", "max_request_bytes", "version")
+    __slots__ = ("model_name", "architecture", "dtype", "slice_count", "slices", "max_model_len", "vocab_size", "page_size", "demo", "has_tokenizer", "bos_token_id", "eos_token_ids", "max_logprobs", "max_request_bytes", "version", "startup")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class ServerInfo(_message.Message):
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     dtype: str
@@ -192,4 +193,25 @@ class ServerInfo(_message.Message):
     max_logprobs: int
     max_request_bytes: int
     version: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., slice_count: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., demo: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_logprobs: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    startup: StartupInfo
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., slice_count: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., demo: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_logprobs: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., version: _Optional[str] = ..., startup: _Optional[_Union[StartupInfo, _Mapping]] = ...) -> None: ...
+
+class StartupInfo(_message.Message):
+    __slots__ = ("ready", "load_seconds", "warmup_seconds", "other_seconds", "ready_seconds", "programs", "programs_from_cache", "compiles_after_ready")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    READY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    COMPILES_AFTER_READY_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    load_seconds: float
+    warmup_seconds: float
+    other_seconds: float
+    ready_seconds: float
+    programs: int
+    programs_from_cache: int
+    compiles_after_ready: int
+    def __init__(self, ready: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., warmup_seconds: _Optional[float] = ..., other_seconds: _Optional[float] = ..., ready_seconds: _Optional[float] = ..., programs: _Optional[int] = ..., programs_from_cache: _Optional[int] = ..., compiles_after_ready: _Optional[int] = ...) -> None: ...
