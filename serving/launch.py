@@ -9,6 +9,7 @@ phases' times are logged, exported as gauges and returned by GetServerInfo.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import time
 
@@ -55,15 +56,21 @@ def warm_up(model: LoadedModel) -> tuple[float, int, int]:
     """Compile every engine's programs (when asked) and start the engines; returns
     (seconds, programs built, of which from the persistent cache)."""
     counter, start = CompileCounter(), time.monotonic()
-    for s in model.slices:
-        if model.warmup:
-            def progress(done: int, total: int, seconds: float, index=s.index) -> None:
-                programs, cached = counter.counts()
-                logs.event("warmup_progress", slice=index, programs_done=done,
-                           programs_total=total, seconds=round(seconds, 1),
-                           built=programs, from_cache=cached)
 
-            s.engine.warmup(progress=progress)
+    def warm(s: Slice) -> None:
+        def progress(done: int, total: int, seconds: float) -> None:
+            programs, cached = counter.counts()
+            logs.event("warmup_progress", slice=s.index, programs_done=done,
+                       programs_total=total, seconds=round(seconds, 1),
+                       built=programs, from_cache=cached)
+
+        s.engine.warmup(progress=progress)
+
+    if model.warmup:
+        # Slices are independent device groups: their compiles run side by side.
+        with concurrent.futures.ThreadPoolExecutor(len(model.slices)) as pool:
+            list(pool.map(warm, model.slices))
+    for s in model.slices:
         s.engine.start()
     programs, cached = counter.counts()
     return time.monotonic() - start, programs, cached

@@ -43,3 +43,15 @@ def test_bench_matmul_compares_both_paths(tmp_path):
     for r in rows:
         assert r["xla_s"] > 0 and r["packed_s"] > 0
         assert r["weight_bytes"] == 4 * (2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3) + 64 * 256)
+
+
+def test_bench_startup_reports_cold_and_warm_starts(tmp_path):
+    out = tmp_path / "startup.json"
+    _run("bench_startup.py", "--cases", "demo", "--starts", "1", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    cold, warm = row["cold"], row["warm"]
+    assert cold["programs"] > 0 and cold["from_cache"] == 0
+    assert warm["programs"] == warm["from_cache"] == cold["programs"]
+    for m in (cold, warm):
+        assert m["wall_ready_s"] > 0 and m["rss_bytes"] > 0 and m["kv_pages"] > 0
+        assert m["ready_s"] >= m["load_s"] + m["warmup_s"]
