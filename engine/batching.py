@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.config import EngineConfig
 from meshserve.engine.sampler import SamplingBatch
 from meshserve.engine.scheduler import StepPlan
 from meshserve.engine.step import StepInputs
@@ -19,16 +19,14 @@ def build_inputs(
     seqs_bucket: int | None = None,
 ) -> StepInputs:
     """numpy arrays shaped [data, bucket...]; padding rows and tokens write nothing.
-    Buckets come from the plan unless given (warm-up compiles every bucket)."""
+    Buckets come from the plan unless both are given (warm-up compiles every bucket)."""
     d = len(plan.shards)
-    seqs = max(1, max(len(rows) for rows in plan.shards))
-    if plan.decode:
-        s = seqs_bucket or bucket(seqs, cfg.seq_buckets())
-        t = tokens_bucket or s
+    if tokens_bucket and seqs_bucket:
+        t, s = tokens_bucket, seqs_bucket
     else:
+        seqs = max(len(rows) for rows in plan.shards)
         used = max(sum(r.num_new for r in rows) for rows in plan.shards)
-        t = tokens_bucket or bucket(max(1, used), cfg.token_buckets())
-        s = seqs_bucket or bucket(seqs, cfg.mixed_seq_buckets(t))
+        t, s = cfg.buckets(plan.decode, seqs, used)
     tokens = np.zeros((d, t), np.int32)
     positions = np.zeros((d, t), np.int32)
     token_slot = np.full((d, t), cfg.max_seqs, np.int32)

@@ -20,7 +20,7 @@ class EngineConfig:
 
     num_pages None: the smaller of what `kv_memory_fraction` of the memory left after
     weights and the step reserve holds, and what `max_seqs` sequences of `max_model_len`
-    tokens can ever use (see `engine.plan_num_pages`).
+    tokens can ever use (see `engine.kv_pool.plan_num_pages`).
     """
 
     page_size: int = 16
@@ -76,6 +76,15 @@ class EngineConfig:
         head and the sampler.)"""
         full = min(tokens_bucket, self.max_seqs)
         return tuple(sorted({min(self.mixed_small_seqs, full), full}))
+
+    def buckets(self, decode: bool, seqs: int, tokens: int | None = None) -> tuple[int, int]:
+        """(tokens bucket, seqs bucket) of a step of `seqs` sequences and `tokens` tokens
+        (a decode call: one token per row)."""
+        if decode:
+            s = bucket(max(1, seqs), self.seq_buckets())
+            return s, s
+        t = bucket(max(1, tokens or seqs), self.token_buckets())
+        return t, bucket(max(1, seqs), self.mixed_seq_buckets(t))
 
     def programs(self) -> tuple[tuple[bool, int, int], ...]:
         """(decode, tokens bucket, seqs bucket) of every program a step can run: what

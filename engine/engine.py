@@ -7,7 +7,6 @@ handle. See engine/API.md.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -22,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.engine.batching import build_inputs
-from meshserve.engine.config import EngineConfig, bucket
+from meshserve.engine.config import EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.handle import RequestHandle
+from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
 from meshserve.engine.packing import pack_weights, packing_applies
 from meshserve.engine.paged_attention import AttentionSpecs, init_paged_cache
@@ -33,7 +33,7 @@ from meshserve.engine.scheduler import Scheduler, StepPlan
 from meshserve.engine.sequence import Sequence, Status
 from meshserve.engine.step import StepFunctions, StepInputs, StepOutputs
 from meshserve.models.layers import Matmul, plain_matmul
-from meshserve.models.loading import ShardedModel, memory_plan
+from meshserve.models.loading import ShardedModel
 from meshserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,65 +47,6 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine stopped or failed and accepts no requests."""
-
-
-@dataclasses.dataclass(frozen=True)
-class KVPoolPlan:
-    """How many KV pages each data shard gets, and why."""
-
-    pages: int
-    budget_pages: int | None  # what the memory left after weights holds (None: not asked)
-    use_pages: int  # what max_seqs sequences of max_model_len tokens can ever use
-    chosen_by: str  # "memory", "use" or "config" (EngineConfig.num_pages)
-    page_bytes: int  # one page on one device, all layers
-
-    @property
-    def bytes_per_device(self) -> int:
-        return self.pages * self.page_bytes
-
-    def describe(self) -> str:
-        budget = "-" if self.budget_pages is None else str(self.budget_pages)
-        return (f"KV pool {self.pages} pages per data shard "
-                f"({self.bytes_per_device / 2**20:.2f} MiB per device; memory allows "
-                f"{budget}, max_seqs x max_model_len uses {self.use_pages}; "
-                f"chosen by {self.chosen_by})")
-
-
-def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -> KVPoolPlan:
-    """Pages per data shard: min(what the memory planner leaves after weights, pages for
-    `max_seqs` sequences of `max_model_len` tokens), or `cfg.num_pages` when set."""
-    mc = model.config
-    per_page = (
-        mc.num_layers
-        * cfg.page_size
-        * 2
-        * mc.num_kv_heads
-        * mc.head_dim
-        * jnp.dtype(model.dtype).itemsize
-    ) // model.rules.axis_size("kv_heads")
-    need = math.ceil(max_model_len / cfg.page_size)
-    use = cfg.max_seqs * need
-    if cfg.num_pages is not None:
-        return KVPoolPlan(cfg.num_pages, None, use, "config", per_page)
-    plan = memory_plan(
-        model.source_config, model.rules.mesh, model.dtype, 0,
-        max_step_tokens=cfg.max_step_tokens, capacity_bytes=cfg.device_memory_bytes,
-    )
-    budget = (
-        plan.capacity_bytes - plan.weights_bytes - plan.reserve_bytes
-    ) * cfg.kv_memory_fraction
-    if cfg.max_kv_memory_bytes is not None:
-        budget = min(budget, cfg.max_kv_memory_bytes)
-    pages = int(budget // per_page)
-    if pages < need:
-        raise ValueError(
-            f"KV cache room for {pages} pages of {cfg.page_size} tokens per device, but one "
-            f"sequence of max_model_len={max_model_len} needs {need}: lower max_model_len "
-            f"or use more tensor parallelism"
-        )
-    if use <= pages:
-        return KVPoolPlan(use, pages, use, "use", per_page)
-    return KVPoolPlan(pages, pages, use, "memory", per_page)
 
 
 class Engine:
@@ -407,14 +348,7 @@ class Engine:
 
     def precompile(self, decode: bool, seqs: int, tokens: int | None = None) -> None:
         """Compile the program for the buckets holding `seqs` sequences / `tokens` tokens."""
-        cfg = self.config
-        if decode:
-            s = bucket(seqs, cfg.seq_buckets())
-            t = s
-        else:
-            t = bucket(tokens or seqs, cfg.token_buckets())
-            s = bucket(seqs, cfg.mixed_seq_buckets(t))
-        self._run_empty(t, s, decode)
+        self._run_empty(*self.config.buckets(decode, seqs, tokens), decode)
 
     def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:
         plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])

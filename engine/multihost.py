@@ -41,7 +41,8 @@ from jax.experimental import multihost_utils
 
 from meshserve.engine.batching import build_inputs
 from meshserve.engine.config import EngineConfig
-from meshserve.engine.engine import Engine, EngineDeadError, plan_num_pages
+from meshserve.engine.engine import Engine, EngineDeadError
+from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.scheduler import StepPlan
 from meshserve.engine.step import StepInputs, StepOutputs
 from meshserve.engine.step_channel import (

@@ -165,16 +165,14 @@ _warned: set[str] = set()
 
 
 def available(source: str, targets: dict[str, str]) -> bool:
-    """True when the kernel is built and registered (building it on first call). A
-    problem warns once: per toolchain or cache problem, not once per kernel."""
+    """True when the kernel is built and registered (building it on first call). Each
+    problem warns once: a missing compiler or an unusable cache reads the same for
+    every kernel, so it is one warning, not one per kernel."""
     try:
         load(source, targets)
         return True
     except KernelBuildError as e:
-        shared = isinstance(_toolchain, KernelBuildError) or "kernel cache" in str(e)
-        key = str(e) if shared else source
-        if key not in _warned:
-            _warned.add(key)
-            what = "the C++ CPU kernels are" if shared else f"CPU kernel {source} is"
-            log.warning("%s unavailable, using XLA instead: %s", what, e)
+        if str(e) not in _warned:
+            _warned.add(str(e))
+            log.warning("C++ CPU kernel unavailable, using XLA instead: %s", e)
         return False

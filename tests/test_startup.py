@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.engine.config import EngineConfig
-from meshserve.engine.engine import plan_num_pages
+from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.meshes import make_mesh, parse_layout
 from meshserve.models.loading import load_checkpoint

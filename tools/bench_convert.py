@@ -10,7 +10,6 @@ tensor and the whole model, and the RSS of a child that only imports the same mo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import tempfile
 import time
 
 from meshserve.tools.bench_engine import LLAMA_125M
+from meshserve.tools.reports import write_json
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child of this
 # (large) process would report the parent's peak.
@@ -64,9 +64,7 @@ def main() -> None:
     print(f"peak RSS: imports only {mib(baseline):.0f} MiB, convert {mib(peak):.0f} MiB "
           f"(+{mib(peak - baseline):.0f} MiB over imports) in {seconds:.1f} s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

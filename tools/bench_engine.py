@@ -31,6 +31,7 @@ from meshserve.meshes import make_mesh, parse_layout
 from meshserve.models.config import ModelConfig
 from meshserve.models.loading import load_checkpoint
 from meshserve.tools import roofline
+from meshserve.tools.reports import write_json
 
 LLAMA_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
@@ -216,9 +217,7 @@ def main() -> None:
                                 **roof_fields(roof, roofs)})
     print_table(results)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.out, results)
 
 
 def median_roofline(measured: list[roofline.Roofline]) -> roofline.Roofline:

@@ -12,7 +12,6 @@ for both in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.pallas_kernels import packed_matmul as pm
+from meshserve.tools.reports import write_json
 from meshserve.tools.roofline import best_time
 
 
@@ -76,9 +76,7 @@ def main() -> None:
               f"{t_ours * 1e3:.1f} | {row['packed_GBps']:.1f} | {row['packed_GFLOPs']:.0f} |",
               flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"machine": f"{os.cpu_count()} CPU cores", "rows": rows}, f, indent=1)
+        write_json(args.out, {"machine": f"{os.cpu_count()} CPU cores", "rows": rows})
 
 
 if __name__ == "__main__":

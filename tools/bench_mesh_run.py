@@ -157,17 +157,12 @@ def decode_hlo(engine: Engine, seqs: int) -> str:
     """HLO text of the engine's compiled decode program for the `seqs` bucket, with the
     engine's current (steady-state) cache shardings: the program the workload runs."""
     from meshserve.engine.batching import build_inputs
-    from meshserve.engine.config import bucket
     from meshserve.engine.scheduler import StepPlan
 
     cfg = engine.config
     # decode_steps=1 has no decode loop: decodes run as mixed steps of one token each.
     loop = cfg.decode_steps > 1
-    if loop:
-        s = t = bucket(seqs, cfg.seq_buckets())
-    else:
-        t = bucket(seqs, cfg.token_buckets())
-        s = bucket(seqs, cfg.mixed_seq_buckets(t))
+    t, s = cfg.buckets(loop, seqs)
     plan = StepPlan(decode=loop, shards=[[] for _ in range(engine.data_shards)])
     inputs = engine._put(build_inputs(plan, cfg, engine.pages_per_seq, 0, t, s))
     lowered = engine._fns.lower(engine._kv, engine._counts, engine._seen, inputs, loop)

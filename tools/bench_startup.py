@@ -27,6 +27,7 @@ import grpc
 from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 from meshserve.tools.bench_engine import LLAMA_125M
+from meshserve.tools.reports import write_json
 
 TINY_2_LAYERS = dict(vocab_size=512, hidden_size=128, intermediate_size=256,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -132,9 +133,7 @@ def main() -> None:
                   f"{m['from_cache']:.0f} | {m['rss_bytes'] / 2**20:.0f} | "
                   f"{m['kv_pages']:.0f} |")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"machine": f"{os.cpu_count()} CPU cores", "rows": rows}, f, indent=1)
+        write_json(a.out, {"machine": f"{os.cpu_count()} CPU cores", "rows": rows})
 
 
 if __name__ == "__main__":
