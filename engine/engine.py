@@ -7,6 +7,7 @@ handle. See engine/API.md.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
@@ -100,6 +101,8 @@ class Engine:
         self._chained_calls = 0
         # Set by warmup(): later compiles are counted (and logged) as misses.
         self._compiles_at_warmup: int | None = None
+        # Device calls launched per program (decode, tokens bucket, seqs bucket).
+        self.program_calls: collections.Counter[tuple[bool, int, int]] = collections.Counter()
         self.compiles_after_warmup = 0
         self._stopping = False
         self.error: str | None = None
@@ -310,6 +313,8 @@ class Engine:
         self._kv, self._counts, self._seen, out = self._fns.run(
             self._kv, self._counts, self._seen, self._put(inputs), decode, prev
         )
+        tokens, seqs = np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1]
+        self.program_calls[decode, tokens, seqs] += 1
         if self._compiles_at_warmup is not None:
             fresh = self.compiles - self._compiles_at_warmup - self.compiles_after_warmup
             if fresh > 0:  # a program warm-up missed: a request waited for a compile

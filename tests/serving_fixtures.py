@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +22,7 @@ import pytest
 from meshserve.engine.engine import EngineConfig
 from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
+from meshserve.tools import server_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,49 +145,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServeProcess:
-    """`meshserve serve` in a subprocess; the bound port is read from its JSON log. With
-    wait_ready (the default) the constructor returns once the server says it is ready
-    (warm-up done), as a client watching readiness would wait."""
+class ServeProcess(server_process.ServeProcess):
+    """`meshserve serve` in a subprocess started from the repository root (see
+    meshserve.tools.server_process)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 240.0,
-                 wait_ready: bool = True):
-        self.stderr_lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshserve.tools.cli", "serve", "--port", "0", *args], cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self._started = threading.Event()
-        self.ready = threading.Event()
-        self.port: int | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._started.wait(timeout) or self.port is None:
-            self.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.stderr_lines[-30:]))
-        self.target = f"127.0.0.1:{self.port}"
-        if wait_ready and not (self.ready.wait(timeout) and self.proc.poll() is None):
-            self.kill()
-            raise AssertionError("server not ready:\n" + "".join(self.stderr_lines[-30:]))
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-            m = re.search(r'"event": "server_started".*"port": (\d+)', line)
-            if m:
-                self.port = int(m.group(1))
-                self._started.set()
-            if '"event": "ready"' in line:
-                self.ready.set()
-        self._started.set()  # exited before starting
-        self.ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.stderr_lines)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    def __init__(self, *args: str, **kwargs):
+        super().__init__(*args, cwd=REPO, **kwargs)

@@ -20,17 +20,23 @@ def _run(script: str, *args: str) -> None:
 
 def test_bench_engine_quick_writes_every_row(tmp_path):
     out = tmp_path / "engine.json"
-    _run("bench_engine.py", "--quick", "--skip-hf", "--out", str(out))
+    _run("bench_engine.py", "--quick", "--skip-hf", "--configs", "default,tuned", "--out", str(out))
     report = json.loads(out.read_text())
-    kinds = [(r["kind"], r["batch"]) for r in report["rows"]]
-    assert kinds == [("decode", 1), ("decode", 8), ("prefill", 1)]
+    kinds = [(r["config"], r["kind"], r["batch"]) for r in report["rows"]]
+    assert kinds == [(c, k, b) for c in ("default", "tuned")
+                     for k, b in (("decode", 1), ("decode", 8), ("prefill", 1))]
     for r in report["rows"]:
         assert r["ours_tok_s"] > 0 and 0 < r["ours_of_roofline"]
         # each figure carries the rooflines taken in its own round, one before each step
         assert min(r["bandwidths_GBps"]) <= r["bandwidth_GBps"] <= max(r["bandwidths_GBps"])
         assert r["bandwidth_GBps"] > 0 and r["matmul_GFLOPs"] > 0
         if r["kind"] == "decode":
-            assert len(r["steps_tok_s"]) == len(r["bandwidths_GBps"]) == 4  # 64 tokens / 16
+            # 64 tokens in calls of 8 (the server's default) or 16 (tuned) decode steps; the
+            # tuned engine (no overlap) takes a roofline before each step, the default
+            # (a chained call in flight between steps) once before the window
+            calls = 8 if r["config"] == "default" else 4
+            assert len(r["steps_tok_s"]) == calls
+            assert len(r["bandwidths_GBps"]) == (1 if r["config"] == "default" else calls)
             assert min(r["steps_tok_s"]) <= r["ours_tok_s"] <= max(r["steps_tok_s"])
 
 
@@ -55,3 +61,14 @@ def test_bench_startup_reports_cold_and_warm_starts(tmp_path):
     for m in (cold, warm):
         assert m["wall_ready_s"] > 0 and m["rss_bytes"] > 0 and m["kv_pages"] > 0
         assert m["ready_s"] >= m["load_s"] + m["warmup_s"]
+
+
+def test_bench_shipped_drives_a_real_server_and_transformers(tmp_path):
+    out = tmp_path / "shipped.json"
+    _run("bench_shipped.py", "--quick", "--streams", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    for key in ("ttft_s", "tpot_s", "streams_s", "hf_static_batch_s", "engine_prefill_s",
+                "decode_roofline_s"):
+        assert row[key] > 0, key
+    assert set(report["ratios"]) == set(report["targets"]) == set(report["met"])

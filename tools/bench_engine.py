@@ -52,13 +52,24 @@ def step_cost(cfg: ModelConfig, batch: int, context: int) -> tuple[float, float]
     return float(bytes_moved), float(flops)
 
 
-def make_models(spec: dict, workdir: str):
+def save_random_llama(spec: dict, out: str):
+    """A random-weight transformers Llama of `spec`, saved to `out`; returns `out`."""
+    random_llama(spec).save_pretrained(out)
+    return out
+
+
+def random_llama(spec: dict):
     import torch
     import transformers
 
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec)).eval()
     hf.generation_config.eos_token_id = None
+    return hf
+
+
+def make_models(spec: dict, workdir: str):
+    hf = random_llama(spec)
     hf_dir = os.path.join(workdir, "hf")
     hf.save_pretrained(hf_dir)
     from meshserve.tools.convert import convert
@@ -140,14 +151,86 @@ def hf_prefill(hf, length: int, rng) -> float:
     return length / (time.perf_counter() - start)
 
 
+def engine_config(name: str, batches: list[int], contexts: list[int], args) -> EngineConfig:
+    """`default`: what `meshserve serve` runs with no flags. `tuned`: one 512-token bucket,
+    a tight page pool, `max_model_len` fitted to the benchmark, no overlap."""
+    if name == "default":
+        return EngineConfig()
+    max_b, step_tokens = max(batches), max(512, max(batches))
+    # Room for the tokens early sequences decode while later ones prefill (ours_decode).
+    slack = -(-max_b * max(contexts) // step_tokens) + 2 + args.decode_steps
+    max_ctx = max(contexts) + args.rounds * args.new_tokens + slack + 2
+    return EngineConfig(
+        num_pages=max_b * (-(-max_ctx // 16)) + 8, max_seqs=max_b,
+        max_step_tokens=step_tokens, decode_steps=args.decode_steps,
+        min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2),
+        overlap_decode=False)
+
+
+def bench_config(name: str, model, hf, batches, contexts, args, probe, rng,
+                 hf_rates: dict) -> list[dict]:
+    engine = Engine(model, engine_config(name, batches, contexts, args))
+    cfg, rounds, rows = model.config, args.rounds, []
+    for context in contexts:
+        for batch in batches:
+            roofs: list[roofline.Roofline] = []
+            if engine.overlap:
+                # A chained decode call is in flight between steps: measure while idle.
+                roofs.extend(probe.measure() for _ in range(rounds))
+                before = lambda: None  # noqa: E731
+            else:  # between the steps each roofline judges (synchronous steps)
+                before = lambda roofs=roofs: roofs.append(probe.measure())  # noqa: E731
+            steps = ours_decode(engine, batch, context, args.new_tokens, rounds, rng, before)
+            if not args.skip_hf and (batch, context) not in hf_rates:
+                hf_rates[batch, context] = hf_decode(hf, batch, context, args.new_tokens, rng)
+            theirs = hf_rates.get((batch, context))
+            bytes_moved, flops = step_cost(cfg, batch, context)
+            ideals = [batch / r.step_time(bytes_moved, flops) for r in roofs]
+            ideal, roof = statistics.median(ideals), median_roofline(roofs)
+            if len(ideals) != len(steps):  # rooflines taken before the window
+                ideals = [ideal] * len(steps)
+            row = {"config": name, "kind": "decode", "batch": batch, "context": context,
+                   "ours_tok_s": statistics.median(steps), "hf_tok_s": theirs,
+                   "roofline_tok_s": ideal,
+                   # Each step against the roofline measured just before it: the
+                   # bandwidth flips between two levels, so a ratio of medians would
+                   # pair a fast-phase roofline with a slow-phase step.
+                   "ours_of_roofline": statistics.median(
+                       x / i for x, i in zip(steps, ideals, strict=True)),
+                   "hf_of_roofline": None if theirs is None else theirs / ideal,
+                   "bound": "memory" if bytes_moved / roof.bandwidth > flops / roof.flops
+                   else "compute",
+                   **roof_fields(roof, roofs), "steps_tok_s": steps}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    roofs = [probe.measure() for _ in range(rounds)]
+    roof = median_roofline(roofs)
+    ours = ours_prefill(engine, args.prefill_len, rng)
+    if not args.skip_hf and "prefill" not in hf_rates:
+        hf_rates["prefill"] = hf_prefill(hf, args.prefill_len, rng)
+    theirs = hf_rates.get("prefill")
+    flops = 2 * args.prefill_len * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
+    ideal = args.prefill_len / (flops / roof.flops)
+    rows.append({"config": name, "kind": "prefill", "batch": 1, "context": args.prefill_len,
+                 "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
+                 "ours_of_roofline": ours / ideal,
+                 "ours_of_hf": None if theirs is None else ours / theirs,
+                 **roof_fields(roof, roofs)})
+    engine.shutdown()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few configs")
+    p.add_argument("--configs", default="default",
+                   help="engine configurations, comma-separated: default (the server's, "
+                   "no flags) and/or tuned (this benchmark's own)")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--contexts", default="128,1024")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-len", type=int, default=1024)
-    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps of `tuned`")
     p.add_argument("--rounds", type=int, default=3,
                    help="timed windows per decode figure (a roofline before each step)")
     p.add_argument("--skip-hf", action="store_true")
@@ -159,62 +242,20 @@ def main() -> None:
     spec = TINY if args.quick else LLAMA_125M
     batches = [1, 8] if args.quick else [int(x) for x in args.batches.split(",")]
     contexts = [64] if args.quick else [int(x) for x in args.contexts.split(",")]
+    if args.quick:
+        args.rounds = 1
     rng = np.random.default_rng(0)
     results = {"machine": f"{os.cpu_count()} CPU cores", "config": spec, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         hf, ckpt = make_models(spec, tmp)
         model = load_checkpoint(ckpt, make_mesh(parse_layout("")))
-        cfg = model.config
-        max_b, step_tokens = max(batches), max(512, max(batches))
-        # Room for the tokens early sequences decode while later ones prefill (ours_decode).
-        slack = -(-max_b * max(contexts) // step_tokens) + 2 + args.decode_steps
-        rounds = 1 if args.quick else args.rounds
-        max_ctx = max(contexts) + rounds * args.new_tokens + slack + 2
-        engine = Engine(model, EngineConfig(
-            num_pages=max_b * (-(-max_ctx // 16)) + 8, max_seqs=max_b,
-            max_step_tokens=step_tokens, decode_steps=args.decode_steps,
-            min_token_bucket=512, max_model_len=max(max_ctx, args.prefill_len + 2),
-            # No decode call may run while the probe measures (a chained one would); on
-            # this CPU chaining gains nothing measurable anyway (README).
-            overlap_decode=False))
         # The machine's bandwidth moves by up to 2x within seconds, so each figure gets its
         # own roofline, measured between the engine steps it judges.
         probe = roofline.Probe(**(QUICK_ROOFLINE if args.quick else {}))
-        for context in contexts:
-            for batch in batches:
-                roofs = []
-                steps = ours_decode(engine, batch, context, args.new_tokens, rounds, rng,
-                                    lambda roofs=roofs: roofs.append(probe.measure()))
-                theirs = None if args.skip_hf else hf_decode(hf, batch, context,
-                                                             args.new_tokens, rng)
-                bytes_moved, flops = step_cost(cfg, batch, context)
-                ideals = [batch / r.step_time(bytes_moved, flops) for r in roofs]
-                ideal, roof = statistics.median(ideals), median_roofline(roofs)
-                row = {"kind": "decode", "batch": batch, "context": context,
-                       "ours_tok_s": statistics.median(steps), "hf_tok_s": theirs,
-                       "roofline_tok_s": ideal,
-                       # Each step against the roofline measured just before it: the
-                       # bandwidth flips between two levels, so a ratio of medians would
-                       # pair a fast-phase roofline with a slow-phase step.
-                       "ours_of_roofline": statistics.median(
-                           s / i for s, i in zip(steps, ideals, strict=True)),
-                       "hf_of_roofline": None if theirs is None else theirs / ideal,
-                       "bound": "memory" if bytes_moved / roof.bandwidth > flops / roof.flops
-                       else "compute",
-                       **roof_fields(roof, roofs), "steps_tok_s": steps}
-                results["rows"].append(row)
-                print(json.dumps(row), flush=True)
-        roofs = [probe.measure() for _ in range(rounds)]
-        roof = median_roofline(roofs)
-        ours = ours_prefill(engine, args.prefill_len, rng)
-        theirs = None if args.skip_hf else hf_prefill(hf, args.prefill_len, rng)
-        flops = 2 * args.prefill_len * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
-        ideal = args.prefill_len / (flops / roof.flops)
-        results["rows"].append({"kind": "prefill", "batch": 1, "context": args.prefill_len,
-                                "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
-                                "ours_of_roofline": ours / ideal,
-                                "ours_of_hf": None if theirs is None else ours / theirs,
-                                **roof_fields(roof, roofs)})
+        hf_rates: dict = {}
+        for name in args.configs.split(","):
+            results["rows"] += bench_config(name, model, hf, batches, contexts, args, probe,
+                                            rng, hf_rates)
     print_table(results)
     if args.out:
         write_json(args.out, results)
@@ -232,8 +273,8 @@ def roof_fields(roof: roofline.Roofline, measured: list[roofline.Roofline]) -> d
 
 
 def print_table(results: dict) -> None:
-    head = ("kind", "batch", "ctx", "ours tok/s", "HF tok/s", "roofline", "GB/s", "GFLOP/s",
-            "ours/roof", "HF/roof")
+    head = ("config", "kind", "batch", "ctx", "ours tok/s", "HF tok/s", "roofline", "GB/s",
+            "GFLOP/s", "ours/roof", "HF/roof")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     fmt = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
@@ -241,14 +282,16 @@ def print_table(results: dict) -> None:
         hf_roof = r.get("hf_of_roofline")
         if r["kind"] == "prefill":
             hf_roof = None
-        print(f"| {r['kind']} | {r['batch']} | {r['context']} | {fmt(r['ours_tok_s'])} | "
+        print(f"| {r['config']} | {r['kind']} | {r['batch']} | {r['context']} | "
+              f"{fmt(r['ours_tok_s'])} | "
               f"{fmt(r['hf_tok_s'])} | {fmt(r['roofline_tok_s'])} | "
               f"{fmt(r['bandwidth_GBps'])} | {fmt(r['matmul_GFLOPs'], 0)} | "
               f"{fmt(r['ours_of_roofline'] * 100, 0)}% | "
               f"{'-' if hf_roof is None else fmt(hf_roof * 100, 0) + '%'} |")
     for r in results["rows"]:
         if r["kind"] == "prefill" and r.get("ours_of_hf"):
-            print(f"prefill: ours / transformers = {r['ours_of_hf'] * 100:.0f}%")
+            print(f"prefill ({r['config']}): ours / transformers = "
+                  f"{r['ours_of_hf'] * 100:.0f}%")
 
 
 if __name__ == "__main__":
