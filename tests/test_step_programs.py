@@ -24,6 +24,7 @@ from meshserve.engine.scheduler import StepPlan
 from meshserve.meshes import make_mesh, parse_layout
 from meshserve.models.config import ModelConfig
 from meshserve.models.loading import init_random
+from meshserve.tools.bench_mesh_hlo import HloModule
 
 TINY = ModelConfig(
     family="llama", architecture="LlamaForCausalLM", vocab_size=512, hidden_size=128,
@@ -33,8 +34,6 @@ TINY = ModelConfig(
 # Ops that may produce a whole-cache array: views, plumbing and in-place updates.
 IN_PLACE = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "call",
             "dynamic-update-slice", "scatter"}
-_OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (\S+?)(?:\{[^}]*\})? ([a-z\-]+)\((.*)$")
-_CALLS = re.compile(r"calls=%([\w.\-]+)")
 
 
 @pytest.fixture(scope="module")
@@ -49,33 +48,21 @@ def _compiled(engine: Engine, decode: bool, tokens: int, seqs: int):
     return lowered.compile()
 
 
-def _roots(hlo: str) -> dict[str, str]:
-    """Opcode of each computation's ROOT instruction."""
-    roots, current = {}, None
-    for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
-        if header and line.rstrip().endswith("{"):
-            current = header.group(1)
-        m = _OP.match(line)
-        if m and line.lstrip().startswith("ROOT") and current:
-            roots[current] = m.group(2)
-    return roots
-
-
 def whole_cache_ops(hlo: str, shape: tuple[int, ...], dtype: str = "f32") -> collections.Counter:
     """Opcodes (fusions as fusion:<root opcode>) of instructions whose result has the
     cache's shape."""
     spelled = f"{dtype}[{','.join(map(str, shape))}]"
-    roots, ops = _roots(hlo), collections.Counter()
-    for line in hlo.splitlines():
-        m = _OP.match(line)
-        if not m or m.group(1) != spelled:
-            continue
-        op = m.group(2)
-        if op == "fusion":
-            called = _CALLS.search(line)
-            op = f"fusion:{roots.get(called.group(1), '?') if called else '?'}"
-        ops[op] += 1
+    module, ops = HloModule.parse(hlo), collections.Counter()
+    for insts in module.computations.values():
+        for inst in insts:
+            if inst.type_text.split("{")[0] != spelled:
+                continue
+            op = inst.opcode
+            if op == "fusion":
+                fused = [c for attr, c in inst.called() if attr == "calls"]
+                # a fused computation prints its ROOT last
+                op = f"fusion:{module.computations[fused[0]][-1].opcode if fused else '?'}"
+            ops[op] += 1
     return ops
 
 
