@@ -3,7 +3,7 @@
 Layout of a checkpoint directory:
   meshserve.json      format version, model config, parameter dtype, item list
   params/<item>/      one Orbax PyTree checkpoint per item (embed, head, layer_0000...)
-  config.json, tokenizer files copied from the source model
+  config.json, tokenizer files (and chat template, generation config) from the source
 
 Saving goes to a temporary sibling directory renamed into place at the end, so a
 directory that has `meshserve.json` is always complete.
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from meshserve.models.config import ModelConfig
+from meshserve.models.config import ModelConfig, with_generation_eos
 
 FORMAT_VERSION = 1
 MANIFEST = "meshserve.json"
@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",
 )
 
 
@@ -106,6 +107,15 @@ class CheckpointWriter:
                 copied.append(name)
         return copied
 
+    def write_file(self, name: str, data: str | bytes) -> None:
+        """A file beside the parameters (config.json, tokenizer files)."""
+        if os.path.basename(name) != name:
+            raise CheckpointError(f"{name!r} is not a plain file name")
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        with open(os.path.join(self.directory, name), "wb") as f:
+            f.write(data)
+
     def set_manifest(self, config: ModelConfig, dtype: str, extra: Mapping[str, Any] = ()) -> None:
         self._manifest = {
             "format": FORMAT_VERSION,
@@ -139,7 +149,9 @@ def read_manifest(ckpt_dir: str) -> dict[str, Any]:
 
 
 def checkpoint_config(ckpt_dir: str) -> ModelConfig:
-    return ModelConfig.from_json(read_manifest(ckpt_dir)["config"])
+    """The manifest's config; EOS ids also from the checkpoint's generation_config.json
+    (checkpoints converted before it was read there have it beside the manifest)."""
+    return with_generation_eos(ModelConfig.from_json(read_manifest(ckpt_dir)["config"]), ckpt_dir)
 
 
 def restore_items(

@@ -186,12 +186,37 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     )
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_eos_ids(model_dir: str | os.PathLike) -> tuple[int, ...]:
+    """The EOS ids of the directory's generation_config.json (an int or a list), if any."""
+    path = os.path.join(model_dir, GENERATION_CONFIG)
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    values = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UnsupportedModelError(
+            f"{path}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return tuple(values)
+
+
+def with_generation_eos(cfg: ModelConfig, model_dir: str | os.PathLike) -> ModelConfig:
+    """`cfg` whose EOS ids also include generation_config.json's (what transformers'
+    generate() stops at: e.g. Llama-3-Instruct's <|eot_id|> besides <|end_of_text|>)."""
+    merged = tuple(dict.fromkeys((*cfg.eos_token_ids, *generation_eos_ids(model_dir))))
+    return cfg if merged == cfg.eos_token_ids else dataclasses.replace(cfg, eos_token_ids=merged)
+
+
 def load_hf_config(model_dir: str | os.PathLike) -> ModelConfig:
+    """config.json, with generation_config.json's EOS ids added."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json in {model_dir}")
     with open(path) as f:
-        return config_from_hf(json.load(f))
+        return with_generation_eos(config_from_hf(json.load(f)), model_dir)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> list[float]:

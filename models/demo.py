@@ -52,11 +52,16 @@ def train_demo_tokenizer(vocab_size: int = DEMO_CONFIG.vocab_size) -> bytes:
     return model.getvalue()
 
 
-def default_cache_dir() -> str:
-    base = os.environ.get("MESHSERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "meshserve"
+def cache_base() -> str:
+    """meshserve's per-user cache: $MESHSERVE_CACHE, else $XDG_CACHE_HOME/meshserve,
+    else ~/.cache/meshserve."""
+    return os.environ.get("MESHSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "meshserve"
     )
-    return os.path.join(base, "demo-v2")
+
+
+def default_cache_dir() -> str:
+    return os.path.join(cache_base(), "demo-v2")
 
 
 def ensure_demo_checkpoint(path: str | None = None) -> str:

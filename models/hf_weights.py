@@ -7,11 +7,40 @@ logical axis is its own dimension and can be sharded by name.
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
+
+import numpy as np
 
 from meshserve.models.config import ModelConfig
 
 # Buffers some exporters write that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """The source model cannot be converted; the message names every problem found."""
+
+
+class TensorSource(Protocol):
+    """Tensors under their Hugging Face names and in HF layout, read one at a time: what
+    conversion streams from, whatever the file format (safetensors, GGUF)."""
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype `read` returns for this tensor."""
+        ...
+
+    def read(self, name: str) -> np.ndarray: ...
+
+    def read_transposed(self, name: str, dtype) -> np.ndarray: ...
+
+    def describe(self, name: str) -> str:
+        """How error messages name a tensor, present or missing (with its name in the
+        file, where that differs)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,11 +148,17 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
     def read(self, name: str) -> np.ndarray:
         return self._where[name].read(name)
 
     def read_transposed(self, name: str, dtype) -> np.ndarray:
         return self._where[name].read_transposed(name, dtype)
+
+    def describe(self, name: str) -> str:
+        return name
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -71,13 +71,17 @@ def generate(stub: pb_grpc.MeshServeStub, request: pb.GenerateRequest,
 
 
 def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = None,
+                  messages: Sequence[tuple[str, str]] | None = None,
                   **fields) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; None values stay unset."""
+    """A GenerateRequest from keyword arguments; None values stay unset. `messages` are
+    (role, content) pairs of a chat."""
     request = pb.GenerateRequest(**{k: v for k, v in fields.items() if v is not None})
     if prompt is not None:
         request.prompt = prompt
     if token_ids is not None:
         request.token_ids.extend(int(t) for t in token_ids)
+    for role, content in messages or ():
+        request.messages.add(role=role, content=content)
     return request
 
 

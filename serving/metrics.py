@@ -23,7 +23,7 @@ _LATENCY_BUCKETS = (
 )
 REJECT_REASONS = (
     "invalid", "overloaded", "unavailable", "unauthenticated", "draining", "no_tokenizer",
-    "duplicate_id", "warming_up",
+    "duplicate_id", "warming_up", "no_chat_template",
 )
 
 

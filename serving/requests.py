@@ -12,6 +12,7 @@ import re
 
 from meshserve.engine.outputs import StreamChunk
 from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from meshserve.models.chat import ChatTemplateError
 from meshserve.serving.proto import meshserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
@@ -72,7 +73,7 @@ def check_request_id(request_id: str) -> None:
 def prepare(request: pb.GenerateRequest, tokenizer, limits: ModelLimits,
             request_id: str) -> PreparedRequest:
     """Validate a request and build the engine's inputs; raises InvalidRequestError with
-    a message meant for the client, or NoTokenizerError."""
+    a message meant for the client, NoTokenizerError or NoChatTemplateError."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidRequestError(
@@ -80,14 +81,15 @@ def prepare(request: pb.GenerateRequest, tokenizer, limits: ModelLimits,
             "(--max-request-bytes)"
         )
     check_request_id(request.request_id)
-    has_prompt = request.HasField("prompt")
-    has_ids = len(request.token_ids) > 0
-    if has_prompt == has_ids:
+    given = [name for name, present in (("prompt", request.HasField("prompt")),
+                                        ("token_ids", len(request.token_ids) > 0),
+                                        ("messages", len(request.messages) > 0)) if present]
+    if len(given) != 1:
         raise InvalidRequestError(
-            "give exactly one of prompt or token_ids"
-            + (" (both were set)" if has_prompt else " (neither was set)")
+            "give exactly one of prompt, token_ids or messages"
+            + (f" ({' and '.join(given)} were set)" if given else " (none was set)")
         )
-    if has_prompt:
+    if given[0] == "prompt":
         if not request.prompt:
             raise InvalidRequestError("prompt is empty")
         if tokenizer is None:
@@ -95,6 +97,17 @@ def prepare(request: pb.GenerateRequest, tokenizer, limits: ModelLimits,
         prompt_ids = tokenizer.encode(request.prompt)
         if not prompt_ids:
             raise InvalidRequestError("prompt encodes to no tokens")
+    elif given[0] == "messages":
+        if tokenizer is None:
+            raise NoTokenizerError("the model has no tokenizer; send token_ids instead of "
+                                   "messages")
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        try:
+            prompt_ids = tokenizer.encode_chat(messages)
+        except ChatTemplateError as e:
+            raise InvalidRequestError(str(e)) from None
+        if not prompt_ids:
+            raise InvalidRequestError("messages render to no tokens")
     else:
         prompt_ids = list(request.token_ids)
         bad = [t for t in prompt_ids if not 0 <= t < limits.vocab_size]

@@ -2,7 +2,8 @@
 
 Status codes: bad input → INVALID_ARGUMENT; full waiting queue → RESOURCE_EXHAUSTED;
 no healthy slice, a slice dying mid-stream, or a draining server → UNAVAILABLE; a text
-prompt without a tokenizer → FAILED_PRECONDITION; a request id already in flight →
+prompt without a tokenizer, or chat messages without a chat template →
+FAILED_PRECONDITION; a request id already in flight →
 ALREADY_EXISTS. A stream that ends for any other reason than its last chunk (client
 cancel, expired deadline, server error) is aborted in its engine, which frees its pages.
 """
@@ -20,6 +21,7 @@ import grpc
 from meshserve.engine.engine import EngineOverloadedError
 from meshserve.engine.outputs import StreamChunk
 from meshserve.engine.sampling_params import InvalidRequestError
+from meshserve.models.chat import NoChatTemplateError
 from meshserve.serving import logs
 from meshserve.serving.metrics import ServingMetrics
 from meshserve.serving.proto import meshserve_pb2 as pb
@@ -123,9 +125,10 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "warming_up",
                                "the server is warming up (readiness is NOT_SERVING)", rid)
         try:
-            if request.HasField("prompt") and len(request.prompt) > OFFLOAD_PROMPT_CHARS:
-                # Tokenizing a long prompt takes milliseconds: keep the loop (health
-                # checks, other streams) responsive meanwhile.
+            text_chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+            if text_chars > OFFLOAD_PROMPT_CHARS:
+                # Tokenizing a long prompt (or rendering a long chat) takes milliseconds:
+                # keep the loop (health checks, other streams) responsive meanwhile.
                 prepared = await asyncio.to_thread(prepare, request, self.tokenizer,
                                                    self.limits, rid)
             else:
@@ -135,6 +138,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         except NoTokenizerError as e:
             await self._reject(context, grpc.StatusCode.FAILED_PRECONDITION, "no_tokenizer",
                                str(e), rid)
+        except NoChatTemplateError as e:
+            await self._reject(context, grpc.StatusCode.FAILED_PRECONDITION,
+                               "no_chat_template", str(e), rid)
         if rid in self.inflight:
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, "duplicate_id",
                                f"request_id {rid!r} is already in flight", rid)
@@ -217,8 +223,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         if len(request.text.encode()) > self.limits.max_request_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"text is longer than {self.limits.max_request_bytes} bytes")
-        add_bos = request.add_bos if request.HasField("add_bos") else True
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, add_bos=add_bos))
+        special = request.add_bos if request.HasField("add_bos") else True
+        return pb.TokenizeResponse(
+            token_ids=self.tokenizer.encode(request.text, add_special_tokens=special))
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         if self.tokenizer is None:
@@ -242,6 +249,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             demo=m.demo, has_tokenizer=self.tokenizer is not None,
             eos_token_ids=m.eos_token_ids, max_logprobs=lim.max_logprobs,
             max_request_bytes=lim.max_request_bytes, version=VERSION,
+            has_chat_template=self.tokenizer is not None and self.tokenizer.can_chat,
         )
         info.startup.CopyFrom(self.startup)
         info.startup.compiles_after_ready = sum(

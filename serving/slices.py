@@ -55,11 +55,10 @@ class ModelInfo:
 
 
 def model_info(ckpt_dir: str, dtype: str, source: str | None = None) -> ModelInfo:
-    from meshserve.models.checkpoint import read_manifest
-    from meshserve.models.config import ModelConfig
+    from meshserve.models.checkpoint import checkpoint_config, read_manifest
 
     manifest = read_manifest(ckpt_dir)
-    cfg = ModelConfig.from_json(manifest["config"])
+    cfg = checkpoint_config(ckpt_dir)
     name = manifest.get("label") or os.path.basename(
         os.path.normpath(source or manifest.get("source") or ckpt_dir)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -54,3 +55,31 @@ def checkpoint_dir(tmp_path_factory, hf_model_dir):
         return cache[family]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_meshserve_cache(tmp_path_factory):
+    """Conversions cached by `--hf`, `--gguf` and the default model go to this run's own
+    cache (servers started as subprocesses inherit it), never the user's."""
+    os.environ["MESHSERVE_CACHE"] = str(tmp_path_factory.mktemp("meshserve-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The default model's GGUF (the meshserve[demo] extra, which CI installs)."""
+    from meshserve.tools.model_flags import DEFAULT_MODEL_PACKAGE, default_gguf
+
+    # Looked up, not imported: the package's own module needs `llm`, which CI leaves out.
+    if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is None:
+        pytest.skip("the meshserve[demo] extra is not installed")
+
+    return default_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(smollm2_gguf) -> str:
+    """SmolLM2-135M-Instruct converted once per run, through the converted-checkpoint
+    cache as `serve` with no model flag does it (so later starts in this run hit it)."""
+    from meshserve.tools.converted_cache import cached_checkpoint
+
+    return cached_checkpoint(smollm2_gguf, "gguf")

@@ -23,12 +23,14 @@ _COMMON = dict(
 )
 
 
-def hf_config(family: str):
+def hf_config(family: str, **sizes):
+    """The family's tiny config; `sizes` overrides the shared fields (hidden_size, ...)."""
     import transformers as T
 
+    common = {**_COMMON, **sizes}
     if family == "llama":  # GQA 4:2 and llama3 rope scaling
         return T.LlamaConfig(
-            **_COMMON,
+            **common,
             num_attention_heads=4,
             num_key_value_heads=2,
             rope_scaling={
@@ -41,23 +43,23 @@ def hf_config(family: str):
         )
     if family == "mistral":  # MQA and a sliding window shorter than the test prompts
         return T.MistralConfig(
-            **_COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=12
+            **common, num_attention_heads=4, num_key_value_heads=1, sliding_window=12
         )
     if family == "qwen2":  # q/k/v bias, tied embeddings
         return T.Qwen2Config(
-            **_COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+            **common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
         )
     if family == "qwen3":  # q/k RMSNorm and head_dim != hidden/heads
-        return T.Qwen3Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        return T.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     raise ValueError(family)
 
 
 @functools.cache
-def build_model(family: str, seed: int = 0):
+def build_model(family: str, seed: int = 0, **sizes):
     import torch
 
     torch.manual_seed(seed)
-    cfg = hf_config(family)
+    cfg = hf_config(family, **sizes)
     cls = {
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from tests import hf_models
+from tests.serving_fixtures import demo_ckpt  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,18 +35,18 @@ def test_generate_json_matches_transformers_from_hf_dir(hf_model_dir):
     assert "memory per device" in proc.stderr
 
 
-def test_generate_with_prompt_uses_the_checkpoint_tokenizer_and_refuses_bad_layouts(tmp_path):
-    env = {"MESHSERVE_CACHE": str(tmp_path)}
-    proc = _meshserve("generate", "--prompt", "Hello Zürich", "--max-tokens", "5", "--json",
-                      env=env)
+def test_generate_with_prompt_uses_the_checkpoint_tokenizer_and_refuses_bad_layouts(
+        demo_ckpt):  # noqa: F811
+    demo = ("--checkpoint", demo_ckpt)  # the small random model, not the 30-layer default
+    proc = _meshserve("generate", *demo, "--prompt", "Hello Zürich", "--max-tokens", "5",
+                      "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 1 <= len(out["token_ids"]) <= 5 and isinstance(out["text"], str)
-    assert "demo" in proc.stderr
-    bad = _meshserve("generate", "--token-ids", "1,2", "--mesh", "tensor=3", "--cpu-devices", "3",
-                     env=env)
+    bad = _meshserve("generate", *demo, "--token-ids", "1,2", "--mesh", "tensor=3",
+                     "--cpu-devices", "3")
     assert bad.returncode == 2
     assert "num_heads=8 is not divisible by tensor=3" in bad.stderr
     assert "Traceback" not in bad.stderr
-    tight = _meshserve("generate", "--token-ids", "1,2", "--device-memory-gib", "0.001", env=env)
+    tight = _meshserve("generate", *demo, "--token-ids", "1,2", "--device-memory-gib", "0.001")
     assert tight.returncode == 2 and "does not fit" in tight.stderr and "MiB" in tight.stderr

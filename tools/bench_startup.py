@@ -84,7 +84,7 @@ def main() -> None:
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="meshserve-bench-startup-")
     cases = {
-        "demo": lambda: ["--checkpoint", ensure_demo_checkpoint(f"{work}/demo")],
+        "demo": lambda: ["--checkpoint", ensure_demo_checkpoint()],
         "smollm2": lambda: [],  # the default model (needs meshserve[demo])
         "llama125m": lambda: ["--hf", save_random_llama(LLAMA_125M, f"{work}/125m")],
         "tiny-2-slices": lambda: ["--hf", save_random_llama(TINY_2_LAYERS, f"{work}/tiny"),

@@ -16,7 +16,7 @@ from absl import app, flags
 PROCESS_START = time.monotonic()
 
 SUBCOMMANDS = {
-    "convert": ("convert", "convert a Hugging Face safetensors model to a checkpoint"),
+    "convert": ("convert", "convert a Hugging Face model or a GGUF file to a checkpoint"),
     "generate": ("generate", "generate text offline (or from a server with --target)"),
     "serve": ("serve", "serve a model over gRPC (streaming generation, health, metrics)"),
     "bench-serving": ("bench_serving", "load-test a running server (vLLM bench serve style)"),

@@ -14,6 +14,8 @@ def define_flags() -> None:
     define_model_flags()
     flags.DEFINE_string("prompt", None, "Prompt text (needs a tokenizer in the checkpoint).")
     flags.DEFINE_list("token_ids", None, "Prompt as comma-separated token ids.")
+    flags.DEFINE_string("chat", None, "One user message, rendered with the checkpoint's chat "
+                        "template (the assistant's reply is generated).")
     flags.DEFINE_integer("max_tokens", 32, "Number of tokens to generate.", lower_bound=1)
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -25,18 +27,37 @@ def define_flags() -> None:
     flags.DEFINE_string("tls_ca", None, "With --target: use TLS, trusting this CA (PEM).")
 
 
-def _prompt_ids(tokenizer) -> list[int]:
+def _check_one_input() -> None:
     f = flags.FLAGS
-    if (f.prompt is None) == (f.token_ids is None):
-        raise ValueError("give exactly one of --prompt or --token-ids")
+    if sum(x is not None for x in (f.prompt, f.token_ids, f.chat)) != 1:
+        raise ValueError("give exactly one of --prompt, --token-ids or --chat")
+
+
+def _token_ids() -> list[int] | None:
+    f = flags.FLAGS
+    if f.token_ids is None:
+        return None
+    try:
+        return [int(t) for t in f.token_ids]
+    except ValueError:
+        raise ValueError(f"--token-ids must be integers, got {f.token_ids}") from None
+
+
+def _prompt_ids(tokenizer) -> list[int]:
+    from meshserve.models.chat import ChatTemplateError, NoChatTemplateError
+
+    f = flags.FLAGS
+    _check_one_input()
     if f.token_ids is not None:
-        try:
-            return [int(t) for t in f.token_ids]
-        except ValueError:
-            raise ValueError(f"--token-ids must be integers, got {f.token_ids}") from None
+        return _token_ids()
     if tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer; use --token-ids")
-    return tokenizer.encode(f.prompt)
+    if f.chat is None:
+        return tokenizer.encode(f.prompt)
+    try:
+        return tokenizer.encode_chat([{"role": "user", "content": f.chat}])
+    except (ChatTemplateError, NoChatTemplateError) as e:
+        raise ValueError(f"--chat: {e}") from None
 
 
 def _remote() -> int:
@@ -44,11 +65,11 @@ def _remote() -> int:
     from meshserve.serving import client
 
     f = flags.FLAGS
-    if (f.prompt is None) == (f.token_ids is None):
-        raise ValueError("give exactly one of --prompt or --token-ids")
+    _check_one_input()
     request = client.build_request(
-        prompt=f.prompt, token_ids=None if f.token_ids is None else [int(t) for t in f.token_ids],
-        max_tokens=f.max_tokens, temperature=f.temperature, seed=f.seed, ignore_eos=f.ignore_eos,
+        prompt=f.prompt, token_ids=_token_ids(),
+        messages=None if f.chat is None else [("user", f.chat)], max_tokens=f.max_tokens,
+        temperature=f.temperature, seed=f.seed, ignore_eos=f.ignore_eos,
         logprobs=0 if f.json else None,
     )
     return client.stream_to(sys.stdout, f.target, request, as_json=f.json,

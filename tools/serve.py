@@ -108,6 +108,6 @@ def main(argv: list[str]) -> int:
     load_started = time.monotonic()
     with checkpoint_dir() as ckpt:
         model = launch.load(ckpt, f.mesh, f.slices, dtype, engine_config,
-                            source=f.hf or f.checkpoint, warmup=f.warmup,
+                            source=f.hf or f.gguf or f.checkpoint, warmup=f.warmup,
                             load_started=load_started)
     return launch.serve(model, options, process_start=PROCESS_START)

@@ -161,8 +161,9 @@ def main(options, engine_config, dtype: str) -> int:
     f = flags.FLAGS
     group = _GROUP
     try:
-        if not f.checkpoint and not f.hf:
-            raise ValueError("multi-host serving needs --checkpoint (or --hf) on every process")
+        if not f.checkpoint and not f.hf and not f.gguf:
+            raise ValueError("multi-host serving needs --checkpoint (or --hf, --gguf) on every "
+                             "process")
         host, port = split_address(group.coordinator)
         port = f.step_channel_port or port + 1
         if port > 65535:
@@ -220,9 +221,9 @@ def _leader(group, ckpt, mesh, layout, options, engine_config, dtype, secret, ho
     engine.start()
     devices = tuple(str(d) for d in mesh.devices.flat)
     # Warmed up and started already: the followers run warm-up's steps in lockstep.
+    info = model_info(ckpt, dtype, f.hf or f.gguf or f.checkpoint)
     loaded = launch.LoadedModel([Slice(0, engine, layout.to_string(), devices)], tokenizer,
-                                model_info(ckpt, dtype, f.hf or f.checkpoint), warmup=False,
-                                load_seconds=0.0)
+                                info, warmup=False, load_seconds=0.0)
     _log("model_loaded", model=loaded.info.name, dtype=dtype, slices=1,
          layout=layout.to_string(), processes=group.num_processes,
          num_pages=engine.num_pages, max_model_len=engine.max_model_len)

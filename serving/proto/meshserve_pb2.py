@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'meshserve/serving/proto/meshserve.proto\x12\x0cmeshserve.v1\"\xc6\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\x05\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x10\n\x08priority\x18\x11 \x01(\x05\x12\x12\n\ncache_salt\x18\x12 \x01(\tB\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"<\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\"\xe7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.meshserve.v1.Timings\x12\r\n\x05slice\x18\x08 \x01(\r\"A\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_bos\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xca\x01\n\tSliceInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0bmesh_layout\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x13\n\x0btotal_pages\x18\x08 \x01(\r\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x17\n\x0frouted_requests\x18\n \x01(\x04\"\x97\x03\n\nServerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bslice_count\x18\x04 \x01(\r\x12\'\n\x06slices\x18\x05 \x03(\x0b\x32\x17.meshserve.v1.SliceInfo\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x11\n\tpage_size\x18\x08 \x01(\r\x12\x0c\n\x04\x64\x65mo\x18\t \x01(\x08\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x19\n\x0c\x62os_token_id\x18\x0b \x01(\x05H\x00\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x14\n\x0cmax_logprobs\x18\r \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0e \x01(\x04\x12\x0f\n\x07version\x18\x0f \x01(\t\x12*\n\x07startup\x18\x10 \x01(\x0b\x32\x19.meshserve.v1.StartupInfoB\x0f\n\r_bos_token_id\"\xc5\x01\n\x0bStartupInfo\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12\x16\n\x0ewarmup_seconds\x18\x03 \x01(\x01\x12\x15\n\rother_seconds\x18\x04 \x01(\x01\x12\x15\n\rready_seconds\x18\x05 \x01(\x01\x12\x10\n\x08programs\x18\x06 \x01(\r\x12\x1b\n\x13programs_from_cache\x18\x07 \x01(\r\x12\x1c\n\x14\x63ompiles_after_ready\x18\x08 \x01(\x04\x32\xc3\x02\n\tMeshServe\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.meshserve.v1.TokenizeRequest\x1a\x1e.meshserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.meshserve.v1.DetokenizeRequest\x1a .meshserve.v1.DetokenizeResponse\x12M\n\rGetServerInfo\x12\".meshserve.v1.GetServerInfoRequest\x1a\x18.meshserve.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'meshserve/serving/proto/meshserve.proto\x12\x0cmeshserve.v1\"\xef\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x08messages\x18\x13 \x03(\x0b\x32\x15.meshserve.v1.Message\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\x05\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x10\n\x08priority\x18\x11 \x01(\x05\x12\x12\n\ncache_salt\x18\x12 \x01(\tB\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"<\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\"\xe7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.meshserve.v1.Timings\x12\r\n\x05slice\x18\x08 \x01(\r\"A\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_bos\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xca\x01\n\tSliceInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0bmesh_layout\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x12\n\nfree_pages\x18\x07 \x01(\r\x12\x13\n\x0btotal_pages\x18\x08 \x01(\r\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12\x17\n\x0frouted_requests\x18\n \x01(\x04\"\xb2\x03\n\nServerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bslice_count\x18\x04 \x01(\r\x12\'\n\x06slices\x18\x05 \x03(\x0b\x32\x17.meshserve.v1.SliceInfo\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x11\n\tpage_size\x18\x08 \x01(\r\x12\x0c\n\x04\x64\x65mo\x18\t \x01(\x08\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x19\n\x0c\x62os_token_id\x18\x0b \x01(\x05H\x00\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x14\n\x0cmax_logprobs\x18\r \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0e \x01(\x04\x12\x0f\n\x07version\x18\x0f \x01(\t\x12*\n\x07startup\x18\x10 \x01(\x0b\x32\x19.meshserve.v1.StartupInfo\x12\x19\n\x11has_chat_template\x18\x11 \x01(\x08\x42\x0f\n\r_bos_token_id\"\xc5\x01\n\x0bStartupInfo\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12\x16\n\x0ewarmup_seconds\x18\x03 \x01(\x01\x12\x15\n\rother_seconds\x18\x04 \x01(\x01\x12\x15\n\rready_seconds\x18\x05 \x01(\x01\x12\x10\n\x08programs\x18\x06 \x01(\r\x12\x1b\n\x13programs_from_cache\x18\x07 \x01(\r\x12\x1c\n\x14\x63ompiles_after_ready\x18\x08 \x01(\x04\x32\xc3\x02\n\tMeshServe\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.meshserve.v1.TokenizeRequest\x1a\x1e.meshserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.meshserve.v1.DetokenizeRequest\x1a .meshserve.v1.DetokenizeResponse\x12M\n\rGetServerInfo\x12\".meshserve.v1.GetServerInfoRequest\x1a\x18.meshserve.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.serving.proto.mes
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=58
-  _globals['_GENERATEREQUEST']._serialized_end=640
-  _globals['_TOPLOGPROB']._serialized_start=642
-  _globals['_TOPLOGPROB']._serialized_end=689
-  _globals['_TOKENLOGPROB']._serialized_start=691
-  _globals['_TOKENLOGPROB']._serialized_end=779
-  _globals['_USAGE']._serialized_start=781
-  _globals['_USAGE']._serialized_end=861
-  _globals['_TIMINGS']._serialized_start=863
-  _globals['_TIMINGS']._serialized_end=923
-  _globals['_GENERATERESPONSE']._serialized_start=926
-  _globals['_GENERATERESPONSE']._serialized_end=1157
-  _globals['_TOKENIZEREQUEST']._serialized_start=1159
-  _globals['_TOKENIZEREQUEST']._serialized_end=1224
-  _globals['_TOKENIZERESPONSE']._serialized_start=1226
-  _globals['_TOKENIZERESPONSE']._serialized_end=1263
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1265
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1361
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1363
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1397
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1399
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1421
-  _globals['_SLICEINFO']._serialized_start=1424
-  _globals['_SLICEINFO']._serialized_end=1626
-  _globals['_SERVERINFO']._serialized_start=1629
-  _globals['_SERVERINFO']._serialized_end=2036
-  _globals['_STARTUPINFO']._serialized_start=2039
-  _globals['_STARTUPINFO']._serialized_end=2236
-  _globals['_MESHSERVE']._serialized_start=2239
-  _globals['_MESHSERVE']._serialized_end=2562
+  _globals['_GENERATEREQUEST']._serialized_end=681
+  _globals['_MESSAGE']._serialized_start=683
+  _globals['_MESSAGE']._serialized_end=723
+  _globals['_TOPLOGPROB']._serialized_start=725
+  _globals['_TOPLOGPROB']._serialized_end=772
+  _globals['_TOKENLOGPROB']._serialized_start=774
+  _globals['_TOKENLOGPROB']._serialized_end=862
+  _globals['_USAGE']._serialized_start=864
+  _globals['_USAGE']._serialized_end=944
+  _globals['_TIMINGS']._serialized_start=946
+  _globals['_TIMINGS']._serialized_end=1006
+  _globals['_GENERATERESPONSE']._serialized_start=1009
+  _globals['_GENERATERESPONSE']._serialized_end=1240
+  _globals['_TOKENIZEREQUEST']._serialized_start=1242
+  _globals['_TOKENIZEREQUEST']._serialized_end=1307
+  _globals['_TOKENIZERESPONSE']._serialized_start=1309
+  _globals['_TOKENIZERESPONSE']._serialized_end=1346
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1348
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1444
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1446
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1480
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1482
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1504
+  _globals['_SLICEINFO']._serialized_start=1507
+  _globals['_SLICEINFO']._serialized_end=1709
+  _globals['_SERVERINFO']._serialized_start=1712
+  _globals['_SERVERINFO']._serialized_end=2146
+  _globals['_STARTUPINFO']._serialized_start=2149
+  _globals['_STARTUPINFO']._serialized_end=2346
+  _globals['_MESHSERVE']._serialized_start=2349
+  _globals['_MESHSERVE']._serialized_end=2672
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,8 @@ class MeshServeServicer:
         `usage` and `timings`. Errors: INVALID_ARGUMENT (bad input, with the reason),
         RESOURCE_EXHAUSTED (waiting queue full), UNAVAILABLE (no healthy slice or the
         server is draining), UNAUTHENTICATED (missing or wrong bearer token),
-        FAILED_PRECONDITION (a text prompt but the model has no tokenizer).
+        FAILED_PRECONDITION (a text prompt but the model has no tokenizer, or messages
+        but the model has no chat template).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
