@@ -21,7 +21,7 @@ def tokenizer(tmp_path_factory):
 
 
 def _stream(tokenizer, text: str, stop=()) -> tuple[list[str], IncrementalDetokenizer]:
-    ids = tokenizer.encode(text, add_bos=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer, [1], stop)
     pieces = []
     for t in ids:
@@ -35,7 +35,7 @@ def _stream(tokenizer, text: str, stop=()) -> tuple[list[str], IncrementalDetoke
 
 def test_multibyte_characters_are_never_split(tokenizer):
     text = "Zürich 😀 naïve façade, São Paulo"
-    ids = tokenizer.encode(text, add_bos=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.split())  # byte fallback: the emoji is several tokens
     pieces, _ = _stream(tokenizer, text)
     assert "".join(pieces) == text
@@ -61,4 +61,5 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released(tokenizer):
 
 def test_leading_space_survives_incremental_decoding(tokenizer):
     pieces, _ = _stream(tokenizer, " Hello mesh")
-    assert "".join(pieces) == tokenizer.decode(tokenizer.encode(" Hello mesh", add_bos=False))
+    ids = tokenizer.encode(" Hello mesh", add_special_tokens=False)
+    assert "".join(pieces) == tokenizer.decode(ids)

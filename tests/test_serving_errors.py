@@ -30,8 +30,9 @@ GOOD = dict(token_ids=[1, 5, 6], max_tokens=3, ignore_eos=True)
 # (request fields, expected message fragment)
 BAD_REQUESTS = [
     (dict(prompt=""), "prompt is empty"),
-    (dict(prompt="hi", token_ids=[1, 2]), "exactly one of prompt or token_ids (both were set)"),
-    (dict(max_tokens=3), "exactly one of prompt or token_ids (neither was set)"),
+    (dict(prompt="hi", token_ids=[1, 2]),
+     "exactly one of prompt, token_ids or messages (prompt and token_ids were set)"),
+    (dict(max_tokens=3), "exactly one of prompt, token_ids or messages (none was set)"),
     (dict(token_ids=[1, 512, 3]), "token_ids [512] are outside the vocabulary [0, 512)"),
     (dict(token_ids=[-1, 4]), "token_ids [-1] are outside the vocabulary"),
     (dict(token_ids=[1] * 200, max_tokens=57),

@@ -126,7 +126,7 @@ def test_tokenize_detokenize_and_server_info(demo_model, stub):  # noqa: F811
     ids = stub.Tokenize(pb.TokenizeRequest(text="Hello Zürich 🙂")).token_ids
     assert list(ids) == tok.encode("Hello Zürich 🙂") and ids[0] == 1  # BOS from the config
     no_bos = stub.Tokenize(pb.TokenizeRequest(text="Hello", add_bos=False)).token_ids
-    assert list(no_bos) == tok.encode("Hello", add_bos=False)
+    assert list(no_bos) == tok.encode("Hello", add_special_tokens=False)
     text = stub.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text
     assert text == "Hello Zürich 🙂"
     info = stub.GetServerInfo(pb.GetServerInfoRequest())

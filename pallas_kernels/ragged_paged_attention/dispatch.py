@@ -19,7 +19,10 @@ from meshserve.pallas_kernels.ragged_paged_attention import (
 
 IMPL_ENV_VAR = "MESHSERVE_ATTENTION_IMPL"
 DEBUG_ENV_VAR = "MESHSERVE_ATTENTION_DEBUG"
-IMPLS = ("auto", "reference", "cpu", "tpu", "gpu")
+IMPLS = ("auto", "reference", "cpu", "tpu", "gpu", "tpu-interpret", "gpu-interpret")
+# A kernel in the Pallas interpreter, on any backend: how CI runs the engine on the TPU
+# and GPU kernels, and how a kernel change is checked without the hardware.
+INTERPRETED = {"tpu-interpret": "tpu", "gpu-interpret": "gpu"}
 _BACKEND_OF_IMPL = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm"), "cpu": ("cpu",)}
 
 
@@ -97,9 +100,10 @@ def ragged_paged_attention(
       sm_scale: softmax scale, default 1 / sqrt(head_dim).
       sliding_window: query at position p attends keys in (p - sliding_window, p].
       soft_cap: logits become soft_cap * tanh(logits / soft_cap).
-      impl: "auto" | "reference" | "cpu" | "tpu" | "gpu"; default from
-        $MESHSERVE_ATTENTION_IMPL. auto takes the reference where "cpu" cannot run these
-        dtypes/shapes (see ``cpu_kernel.supports``).
+      impl: "auto" | "reference" | "cpu" | "tpu" | "gpu" | "tpu-interpret" |
+        "gpu-interpret"; default from $MESHSERVE_ATTENTION_IMPL. auto takes the reference
+        where "cpu" cannot run these dtypes/shapes (see ``cpu_kernel.supports``); the
+        -interpret ones run that kernel in the Pallas interpreter on any backend.
       interpret: run a Pallas kernel in the interpreter (True, or pltpu.InterpretParams for
         the TPU kernel), which works on CPU.
       debug: validate the runtime metadata on the host (default from
@@ -125,6 +129,8 @@ def ragged_paged_attention(
     if _debug_enabled(debug):
         _check_dynamic(kv_pages.shape, q.shape[0], kv_lens, page_indices, cu_q_lens, num_seqs)
     which = resolve_impl(impl)
+    if which in INTERPRETED:
+        which, interpret = INTERPRETED[which], interpret or True
     if which == "cpu" and impl in (None, "auto") and not cpu_kernel.supports(q, kv_pages):
         which = "reference"
     backend = jax.default_backend()
