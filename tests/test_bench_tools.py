@@ -72,3 +72,19 @@ def test_bench_shipped_drives_a_real_server_and_transformers(tmp_path):
                 "decode_roofline_s"):
         assert row[key] > 0, key
     assert set(report["ratios"]) == set(report["targets"]) == set(report["met"])
+
+
+def test_accelerator_check_smoke_runs_every_part(tmp_path):
+    """On CPU the TPU kernel runs in the interpreter at toy sizes: the parity figures are
+    real (and must pass), the timings are not judged."""
+    out = tmp_path / "accel.json"
+    _run("accelerator_check.py", "--smoke", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["kernel"] == "tpu-interpret" and report["ok"]
+    assert {(r["dtype"], r["case"]) for r in report["parity"]} == {
+        (d, c) for d in ("float32", "bfloat16") for c in ("decode", "prefill", "mixed")}
+    assert all(r["finite"] and r["kv_written_equal"] for r in report["parity"])
+    assert max(r["max_abs_error"] for r in report["parity"] if r["dtype"] == "float32") < 1e-4
+    assert [(r["batch"], r["context"]) for r in report["decode_bandwidth"]] == [(2, 64)]
+    assert report["engine"]["agree"] == report["engine"]["tokens"] == 4
+    assert [r["batch"] for r in report["engine_decode"]] == [1, 2]
