@@ -77,9 +77,15 @@ def checkpoint_writer(out_dir: str, overwrite: bool = False) -> Iterator[Checkpo
     try:
         yield writer
         writer.finish()
+        old = None
         if overwrite and os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+            # Swap by renames, then delete: a crash at any point leaves a complete
+            # checkpoint at out_dir or beside it, never neither.
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "checkpoint"))
         os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never merge two
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

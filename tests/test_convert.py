@@ -138,3 +138,18 @@ def test_existing_output_is_not_clobbered_and_truncated_files_are_rejected(tmp_p
 def test_loading_a_directory_without_manifest_explains(tmp_path):
     with pytest.raises(CheckpointError, match=MANIFEST):
         read_manifest(str(tmp_path))
+
+
+def test_overwrite_swaps_by_rename_and_a_failed_one_keeps_the_old(hf_model_dir, tmp_path):
+    from meshserve.models.checkpoint import checkpoint_writer
+
+    out = str(tmp_path / "ckpt")
+    convert(hf_model_dir("llama"), out, progress=False)
+    first = read_manifest(out)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with checkpoint_writer(out, overwrite=True):
+            raise RuntimeError("interrupted")
+    assert read_manifest(out) == first  # the old checkpoint is untouched
+    convert(hf_model_dir("llama"), out, dtype="bfloat16", overwrite=True, progress=False)
+    assert read_manifest(out)["dtype"] == "bfloat16"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no partial or old copy left beside it

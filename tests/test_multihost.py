@@ -237,19 +237,23 @@ def test_step_watchdog_fails_the_engine_when_a_step_never_finishes(checkpoint_di
     engine.shutdown(timeout=1.0)
 
 
-def test_data2_tensor4_across_processes_then_follower_killed(checkpoint_dir):
-    """Greedy streams over gRPC equal the single-process engine's; then SIGKILL of the
-    follower mid-stream: UNAVAILABLE within the timeouts, no token repeated,
-    NOT_SERVING, and the leader exits with EXIT_GROUP_FAILED."""
-    ckpt = checkpoint_dir("llama")
-    group = start_group("--checkpoint", ckpt, "--mesh", "data=2,tensor=4", *GROUP_FLAGS,
-                        *ENGINE_FLAGS)
+def test_data2_tensor4_across_processes_then_follower_killed(checkpoint_dir, hf_model_dir):
+    """Both processes given `--hf` (one conversion, shared through the cache of converted
+    checkpoints: the other waits for it). Greedy streams over gRPC equal the
+    single-process engine's; then SIGKILL of the follower mid-stream: UNAVAILABLE within
+    the timeouts, no token repeated, NOT_SERVING, and the leader exits with
+    EXIT_GROUP_FAILED."""
+    ckpt = checkpoint_dir("llama")  # the same HF model, converted in this process
+    group = start_group("--hf", hf_model_dir("llama"), "--mesh", "data=2,tensor=4",
+                        *GROUP_FLAGS, *ENGINE_FLAGS)
     leader, follower = group
     try:
         ref = reference(ckpt, "data=2,tensor=4", PROMPTS, 12)
         long_ref = reference(ckpt, "data=2,tensor=4", [PROMPTS[2]], 40)[0]
         port = int(leader.wait_for(r'"server_started".*?"port": (\d+)', 150).group(1))
         target = f"127.0.0.1:{port}"
+        converted = [p for p in group if "converting " in p.log]
+        assert len(converted) <= 1, "both processes converted the model"
         health_port = follower.wait_for(r'"follower_started".*?"health_port": (\d+)', 30)
         assert health_status(f"127.0.0.1:{health_port.group(1)}", "") == 1  # SERVING
 

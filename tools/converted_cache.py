@@ -112,3 +112,23 @@ def cached_checkpoint(
         run(source, entry, dtype=dtype, overwrite=os.path.exists(entry), progress=False)
         note(f"converted {source} in {time.monotonic() - started:.1f} s")
     return entry
+
+
+def main(argv: list[str]) -> int:
+    """`python -m meshserve.tools.converted_cache KIND SOURCE`: convert into the cache
+    (what a multi-host process runs before it joins its group)."""
+    if len(argv) != 2 or argv[0] not in KINDS:
+        print(f"usage: converted_cache {{{','.join(KINDS)}}} SOURCE", file=sys.stderr)
+        return 2
+    from meshserve.models.hf_weights import ConversionError
+
+    try:
+        cached_checkpoint(argv[1], argv[0])
+    except (ConversionError, CheckpointError, OSError, ValueError) as e:
+        print(f"meshserve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

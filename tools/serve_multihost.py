@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from typing import NoReturn
@@ -73,6 +74,7 @@ def init_runtime() -> None:
     )
     if cfg is None:
         return
+    _convert_before_joining()
     try:
         group = distributed.initialize(cfg)
     except distributed.DistributedError as e:
@@ -80,6 +82,22 @@ def init_runtime() -> None:
             distributed.exit_now(EXIT_STARTUP, str(e))
         raise
     _GROUP = group if group.num_processes > 1 else None
+
+
+def _convert_before_joining() -> None:
+    """Convert `--hf`/`--gguf` into the cache of converted checkpoints before the group
+    forms. Orbax's save in a process that joined a group waits on barriers the other
+    processes never enter (a fatal coordination error), so the conversion runs in a
+    child process of its own; processes sharing a filesystem take turns on the cache's
+    lock and the later ones load the first one's result."""
+    f = flags.FLAGS
+    source, kind = (f.hf, "hf") if f.hf else (f.gguf, "gguf") if f.gguf else (None, None)
+    if source is None or f.checkpoint:
+        return  # no conversion, or checkpoint_dir() refuses the flags later
+    done = subprocess.run([sys.executable, "-m", "meshserve.tools.converted_cache", kind,
+                           source], stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise ValueError(f"converting {source} failed (its error is above)")
 
 
 def jax_distributed_started() -> bool:
