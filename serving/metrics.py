@@ -50,6 +50,15 @@ class _SliceCollector:
         late = CounterMetricFamily("meshserve_compiles_after_warmup",
                                    "Programs compiled after warm-up (a request waited for "
                                    "each; the log names its shape).", labels=["slice"])
+        queries = CounterMetricFamily("meshserve_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.",
+                                      labels=["slice"])
+        hits = CounterMetricFamily("meshserve_prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache (not computed).",
+                                   labels=["slice"])
+        cached = GaugeMetricFamily("meshserve_prefix_cache_pages",
+                                   "KV pages in the prefix cache (held or reclaimable).",
+                                   labels=["slice"])
         for s in self._slices:
             label = [str(s.index)]
             st = s.stats()
@@ -61,7 +70,11 @@ class _SliceCollector:
             preempt.add_metric(label, st.preemptions)
             routed.add_metric(label, s.routed)
             late.add_metric(label, st.compiles_after_warmup)
-        yield from (running, waiting, usage, free, healthy, preempt, routed, late)
+            queries.add_metric(label, st.prefix_cache_queries)
+            hits.add_metric(label, st.prefix_cache_hits)
+            cached.add_metric(label, st.cached_pages)
+        yield from (running, waiting, usage, free, healthy, preempt, routed, late, queries, hits,
+                    cached)
 
 
 class ServingMetrics:
@@ -185,6 +198,8 @@ class TensorBoardWriter:
                 st.total_pages, 1)
             scalars[f"slice{s.index}/preemptions"] = st.preemptions
             scalars[f"slice{s.index}/healthy"] = 1.0 if s.healthy else 0.0
+            scalars[f"slice{s.index}/prefix_cache_hits"] = st.prefix_cache_hits
+            scalars[f"slice{s.index}/prefix_cache_queries"] = st.prefix_cache_queries
         now = time.time()
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, float(value), self._step, wall_time=now)

@@ -140,7 +140,8 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                                f"request_id {rid!r} is already in flight", rid)
         try:
             slice_, handle = self.router.submit(prepared.prompt_ids, prepared.params, rid,
-                                                prepared.cost_tokens, prepared.priority)
+                                                prepared.cost_tokens, prepared.priority,
+                                                prepared.cache_salt)
         except InvalidRequestError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(e), rid)
         except EngineOverloadedError as e:

@@ -149,7 +149,7 @@ class Router:
         return sorted(self.healthy(), key=key)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               cost_tokens: int, priority: int = 0):
+               cost_tokens: int, priority: int = 0, cache_salt: str = ""):
         """Add the request to the best slice; returns (slice, handle).
 
         Raises InvalidRequestError at once; EngineOverloadedError only when every healthy
@@ -163,7 +163,7 @@ class Router:
             for s in order:
                 try:
                     handle = s.engine.add_request(prompt_ids, params, request_id=request_id,
-                                                  priority=priority)
+                                                  priority=priority, cache_salt=cache_salt)
                 except EngineOverloadedError as e:
                     overloaded = e
                     continue

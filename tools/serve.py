@@ -41,6 +41,8 @@ def define_flags() -> None:
                      "shapes for more padding).", lower_bound=1)
     d.DEFINE_integer("min_seq_bucket", 1, "Smallest batch bucket.", lower_bound=1)
     d.DEFINE_bool("warmup", True, "Compile every shape bucket before serving.")
+    d.DEFINE_bool("prefix_cache", True, "Reuse the KV pages of prompt prefixes already "
+                  "computed (same tokens and cache_salt); --no-prefix-cache turns it off.")
     # Server.
     d.DEFINE_integer("max_request_bytes", 1 << 20, "Largest request (INVALID_ARGUMENT above "
                      "it; grpc answers RESOURCE_EXHAUSTED above twice it).", lower_bound=1024)
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> int:
         decode_steps=f.decode_steps, max_logprobs=f.max_logprobs,
         max_waiting_requests=f.max_waiting_requests, max_waiting_tokens=f.max_waiting_tokens,
         min_token_bucket=f.min_token_bucket, min_seq_bucket=f.min_seq_bucket,
-        device_memory_bytes=capacity_bytes(),
+        device_memory_bytes=capacity_bytes(), prefix_caching=f.prefix_cache,
     )
     dtype = f.dtype or default_compute_dtype()
     if serve_multihost.active():
