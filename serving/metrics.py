@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from meshserve.serving.routing import REASONS
 from meshserve.serving.slices import Slice
 
 _LATENCY_BUCKETS = (
@@ -106,6 +107,24 @@ class ServingMetrics:
                                 ["reason"], registry=r)
         for reason in REJECT_REASONS:  # export zeros so rates work from the start
             self.rejected.labels(reason)
+        self.routing = Counter("meshserve_routing_decisions", "Requests routed, by why their "
+                               "slice was chosen (cache, load, only_healthy).", ["reason"],
+                               registry=r)
+        for reason in REASONS:
+            self.routing.labels(reason)
+        self.matched = Counter("meshserve_routing_matched_tokens", "Prompt tokens the router "
+                               "expected the chosen slice to have cached.", ["slice"],
+                               registry=r)
+        self.cached = Counter("meshserve_routing_cached_tokens", "Prompt tokens routed "
+                              "requests found cached.", ["slice"], registry=r)
+        self.stale = Counter("meshserve_routing_stale_hits", "Requests that found fewer "
+                             "tokens cached than the router expected (evicted or not yet "
+                             "published).", ["slice"], registry=r)
+        self.stale_tokens = Counter("meshserve_routing_stale_tokens", "Expected cached tokens "
+                                    "that were not.", ["slice"], registry=r)
+        for s in slices:
+            for counter in (self.matched, self.cached, self.stale, self.stale_tokens):
+                counter.labels(str(s.index))
         r.register(_SliceCollector(slices))
         self.startup = Gauge("meshserve_startup_seconds", "Process start to ready, by phase "
                              "(load, warmup, other, ready).", ["phase"], registry=r)
@@ -131,6 +150,18 @@ class ServingMetrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
         self.totals["rejected"] += 1
+
+    def routed(self, slice_index: int, reason: str, matched_tokens: int) -> None:
+        self.routing.labels(reason).inc()
+        self.matched.labels(str(slice_index)).inc(matched_tokens)
+
+    def cache_outcome(self, slice_index: int, matched_tokens: int, cached_tokens: int) -> None:
+        """A routed request finished having found `cached_tokens` of its prompt cached."""
+        label = str(slice_index)
+        self.cached.labels(label).inc(cached_tokens)
+        if cached_tokens < matched_tokens:
+            self.stale.labels(label).inc()
+            self.stale_tokens.labels(label).inc(matched_tokens - cached_tokens)
 
     def first_token(self, slice_index: int, seconds: float) -> None:
         self.ttft.labels(str(slice_index)).observe(seconds)
