@@ -46,6 +46,9 @@ class EngineConfig:
     # rows when as few sequences take part, else min(T, max_seqs) (see `programs`).
     mixed_small_seqs: int = 8
     seed: int = 0
+    # Reuse the KV of cached full pages across requests with the same prefix and salt
+    # (engine/prefix_cache.py); a freed cached page stays until its memory is needed.
+    prefix_caching: bool = True
     # One CPU device: keep the projection weights panel-packed for the C++ matmul kernel
     # (engine/packing.py), ~2x XLA:CPU's speed at decode batch sizes.
     pack_weights: bool = True

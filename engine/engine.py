@@ -29,6 +29,7 @@ from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
 from meshserve.engine.packing import pack_weights, packing_applies
 from meshserve.engine.paged_attention import AttentionSpecs, init_paged_cache
+from meshserve.engine.prefix_cache import CacheEventLog, root_digest
 from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from meshserve.engine.scheduler import Scheduler, StepPlan
 from meshserve.engine.sequence import Sequence, Status
@@ -122,8 +123,12 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        cache_salt: str | bytes = b"",
     ) -> RequestHandle:
+        """Queue a request. Requests with different `cache_salt`s never share KV pages (a
+        salt never matches pages stored without it): tenant isolation."""
         params = (params or SamplingParams()).validate(self.vocab_size, self.config.max_logprobs)
+        salt = cache_salt.encode() if isinstance(cache_salt, str) else bytes(cache_salt)
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
@@ -153,6 +158,7 @@ class Engine:
             stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
             priority=priority,
+            cache_root=root_digest(salt),
         )
         handle = RequestHandle(request_id, self)
         with self._lock:
@@ -202,7 +208,18 @@ class Engine:
             compiles=self.compiles,
             chained_calls=self._chained_calls,
             compiles_after_warmup=self.compiles_after_warmup,
+            prefix_cache_queries=s.prefix_queries,
+            prefix_cache_hits=s.prefix_hits,
+            cached_pages=s.cached_pages(),
         )
+
+    def cache_events(self, capacity: int = 1 << 14) -> CacheEventLog:
+        """The log of this engine's page-hash events (stored, evicted) that routers read,
+        started on the first call (pages cached before it are not in it)."""
+        with self._lock:
+            if self.scheduler.events is None:
+                self.scheduler.events = CacheEventLog(capacity)
+            return self.scheduler.events
 
     def start(self) -> Engine:
         if self._thread is None:
@@ -377,6 +394,8 @@ class Engine:
                         seq.num_computed += 1
                         if self._append(seq, out, k, shard, i):
                             break
+                if seq.status is Status.RUNNING:
+                    self.scheduler.commit(seq)
                 self._emit(seq, self._live[seq.request_id][1])
 
     def _append(self, seq: Sequence, out, k: int, shard: int, row: int) -> bool:
@@ -424,7 +443,8 @@ class Engine:
                 **{
                     **chunk.__dict__,
                     "finish_reason": seq.finish_reason,
-                    "usage": Usage(len(seq.prompt_ids), len(seq.output_ids)),
+                    "usage": Usage(len(seq.prompt_ids), len(seq.output_ids),
+                                   seq.cached_tokens or 0),
                     "queue_ms": ms(seq.first_scheduled),
                     "ttft_ms": ms(seq.first_token),
                     "error": error,

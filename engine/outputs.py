@@ -16,7 +16,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,3 +56,7 @@ class EngineStats:
     compiles: int
     chained_calls: int = 0  # decode calls launched before the previous call's results
     compiles_after_warmup: int = 0  # programs compiled after warmup() (should stay 0)
+    # Prefix cache, in tokens over first admissions: prompt tokens looked up and found.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    cached_pages: int = 0  # pages in the prefix cache, held or not

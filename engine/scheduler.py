@@ -4,6 +4,11 @@ Per data shard: a token budget per step, a fixed number of batch slots and a pag
 Decodes go first, then prefill chunks of running sequences, then admissions. When pages
 run out the newest running sequence is preempted (its pages freed; it is recomputed
 from prompt + output later, so its output never changes).
+
+Prefix cache (EngineConfig.prefix_caching): an admitted sequence starts from the longest
+chain of cached full pages its tokens and salt name (pages.PageAllocator), shared
+read-only, and computes only the rest; its own pages join the cache once full and
+computed (`commit`), so requests running side by side share them too.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import itertools
 
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.pages import PageAllocator
+from meshserve.engine.prefix_cache import CacheEventLog, extend_digests, reusable_tokens
 from meshserve.engine.sequence import Sequence, Status
 
 
@@ -42,7 +48,14 @@ class Scheduler:
     def __init__(self, cfg: EngineConfig, num_shards: int, num_pages: int, max_model_len: int):
         self.cfg = cfg
         self.max_model_len = max_model_len
-        self.allocators = [PageAllocator(num_pages) for _ in range(num_shards)]
+        self.allocators = [PageAllocator(num_pages, cfg.prefix_caching, self._event)
+                           for _ in range(num_shards)]
+        # Page-hash events for routers, once one asks (Engine.cache_events).
+        self.events: CacheEventLog | None = None
+        # Prefix-cache statistics in tokens, over first admissions (vLLM's meaning): prompt
+        # tokens looked up, and those found cached.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self._free_slots = [list(range(cfg.max_seqs - 1, -1, -1)) for _ in range(num_shards)]
         self.running: list[list[Sequence]] = [[] for _ in range(num_shards)]
         self.waiting: list[Sequence] = []
@@ -63,22 +76,43 @@ class Scheduler:
         self.waiting.sort(key=lambda s: (s.priority, s.arrival, s.order))
 
     def release(self, seq: Sequence) -> None:
-        """Give back pages and slot (on finish, abort or preemption)."""
+        """Give back pages and slot (on finish, abort or preemption); cached pages stay
+        cached."""
         if seq.shard is not None:
             self.allocators[seq.shard].release(seq.pages)
             self._free_slots[seq.shard].append(seq.slot)
             if seq in self.running[seq.shard]:
                 self.running[seq.shard].remove(seq)
-        seq.pages, seq.shard, seq.slot = [], None, None
+        seq.pages, seq.shard, seq.slot, seq.pages_cached = [], None, None, 0
         if seq in self.waiting:
             self.waiting.remove(seq)
 
+    def commit(self, seq: Sequence, valid: int | None = None) -> None:
+        """Cache the full pages among `seq`'s first `valid` tokens (default: all computed).
+
+        Called with the results of every call. A sequence that ends inside a decode loop
+        may have had its last fed position rewritten while the loop ran on for other rows
+        (engine/step.py), so a finishing sequence commits one token less."""
+        if not self.cfg.prefix_caching or seq.shard is None:
+            return
+        valid = seq.num_computed if valid is None else valid
+        full = min(valid // self.cfg.page_size, len(seq.pages))
+        if full <= seq.pages_cached:
+            return
+        digests = self._digests(seq, full)
+        alloc = self.allocators[seq.shard]
+        for i in range(seq.pages_cached, full):
+            alloc.register(seq.pages[i], digests[i])
+        seq.pages_cached = full
+
     def finish(self, seq: Sequence, reason: str) -> None:
+        self.commit(seq, seq.num_computed - 1)
         self.release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
     def _preempt(self, seq: Sequence) -> None:
+        self.commit(seq)  # no call runs while planning: everything computed is valid
         self.release(seq)
         seq.num_computed = 0
         self.preemptions += 1
@@ -115,23 +149,53 @@ class Scheduler:
             self.max_model_len - seq.num_tokens - ahead,
         ))
 
-    def _admissible_shard(self, seq: Sequence, budgets: list[int]) -> int | None:
-        best = None
+    # -- the prefix cache --------------------------------------------------------------
+    def _event(self, kind: str, digest: bytes) -> None:
+        if self.events is not None:
+            self.events.append(kind, digest)
+
+    def cached_pages(self) -> int:
+        return sum(a.cached for a in self.allocators)
+
+    def _digests(self, seq: Sequence, pages: int) -> list[bytes]:
+        if len(seq.page_digests) < pages:
+            extend_digests(seq.page_digests, seq.all_tokens, self.cfg.page_size, pages,
+                           seq.cache_root)
+        return seq.page_digests[:pages]
+
+    def _cached_pages(self, shard: int, seq: Sequence) -> list[int]:
+        """The cached pages `seq` may start from on `shard`: full pages only, and never its
+        last token (see prefix_cache.reusable_tokens), so the first token it computes
+        goes into a page of its own."""
+        if not self.cfg.prefix_caching:
+            return []
+        usable = reusable_tokens(len(seq.prompt_ids), seq.num_tokens, seq.params)
+        pages = usable // self.cfg.page_size
+        return self.allocators[shard].lookup(self._digests(seq, pages)) if pages else []
+
+    def _admission(self, seq: Sequence, budgets: list[int]) -> tuple[int, list[int]] | None:
+        """(shard, cached pages to start from) for `seq`, or None: the shard with the
+        longest cached prefix, then the most free pages."""
+        best, best_key = None, None
         for shard, alloc in enumerate(self.allocators):
             if not self._free_slots[shard] or budgets[shard] <= 0:
                 continue
+            hits = self._cached_pages(shard, seq)
             # Admit only when the whole known context fits, so chunked prefill of a long
-            # prompt does not thrash against the decodes already running.
-            if alloc.free < self.pages_for(seq.num_tokens + 1):
+            # prompt does not thrash against the decodes already running. Holding cached
+            # pages nobody holds takes them out of the free ones.
+            need = self.pages_for(seq.num_tokens + 1) - len(hits)
+            if alloc.free - alloc.unheld(hits) < need:
                 continue
-            if best is None or alloc.free > self.allocators[best].free:
-                best = shard
+            key = (len(hits), alloc.free)
+            if best_key is None or key > best_key:
+                best, best_key = (shard, hits), key
         return best
 
     def schedule(self) -> StepPlan:
         budgets = [self.cfg.max_step_tokens] * len(self.allocators)
         admissible = (
-            bool(self.waiting) and self._admissible_shard(self.waiting[0], budgets) is not None
+            bool(self.waiting) and self._admission(self.waiting[0], budgets) is not None
         )
         everyone_decodes = all(s.is_decoding for r in self.running for s in r)
         if self.num_running and everyone_decodes and not admissible and self.cfg.decode_steps > 1:
@@ -203,15 +267,26 @@ class Scheduler:
             budgets[shard] = self.cfg.max_step_tokens - sum(p.num_new for p in shards[shard])
         while self.waiting:
             seq = self.waiting[0]
-            shard = self._admissible_shard(seq, budgets)
-            if shard is None:
+            admission = self._admission(seq, budgets)
+            if admission is None:
                 break
+            shard, hits = admission
             self.waiting.pop(0)
             seq.shard, seq.slot = shard, self._free_slots[shard].pop()
             seq.status, seq.fresh_slot = Status.RUNNING, True
             self.running[shard].append(seq)
+            alloc = self.allocators[shard]
+            alloc.acquire(hits)
+            seq.pages_cached = len(hits)
+            seq.num_computed = len(hits) * self.cfg.page_size
+            if seq.cached_tokens is None:  # first admission: what the request reports
+                seq.cached_tokens = seq.num_computed
+                if self.cfg.prefix_caching:
+                    self.prefix_queries += len(seq.prompt_ids)
+                    self.prefix_hits += seq.num_computed
             n = min(seq.tokens_to_compute, budgets[shard])
-            seq.pages = self.allocators[shard].allocate(self.pages_for(seq.num_computed + n))
+            fresh = self.pages_for(seq.num_computed + n) - len(hits)
+            seq.pages = hits + alloc.allocate(fresh, after=hits[-1] if hits else None)
             shards[shard].append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
             budgets[shard] -= n
         return StepPlan(decode=False, shards=shards)

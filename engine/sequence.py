@@ -39,6 +39,13 @@ class Sequence:
     finish_reason: str | None = None
     sent_tokens: int = 0  # output tokens already streamed
     pending_logprobs: list = dataclasses.field(default_factory=list)
+    # Prefix cache: the chain's root (from the cache salt), the digests of full pages
+    # named so far (token ids only grow, so they stay valid across preemptions), how many
+    # of its pages are in the cache, and prompt tokens found cached on first admission.
+    cache_root: bytes = b""
+    page_digests: list[bytes] = dataclasses.field(default_factory=list)
+    pages_cached: int = 0
+    cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +59,10 @@ class Sequence:
     def is_decoding(self) -> bool:
         """Only the last sampled token is left to feed."""
         return self.num_computed == self.num_tokens - 1 and bool(self.output_ids)
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def tokens_to_compute(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from meshserve.serving.routing import REASONS
 from meshserve.serving.slices import Slice
 
 _LATENCY_BUCKETS = (
@@ -50,6 +51,15 @@ class _SliceCollector:
         late = CounterMetricFamily("meshserve_compiles_after_warmup",
                                    "Programs compiled after warm-up (a request waited for "
                                    "each; the log names its shape).", labels=["slice"])
+        queries = CounterMetricFamily("meshserve_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.",
+                                      labels=["slice"])
+        hits = CounterMetricFamily("meshserve_prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache (not computed).",
+                                   labels=["slice"])
+        cached = GaugeMetricFamily("meshserve_prefix_cache_pages",
+                                   "KV pages in the prefix cache (held or reclaimable).",
+                                   labels=["slice"])
         for s in self._slices:
             label = [str(s.index)]
             st = s.stats()
@@ -61,7 +71,11 @@ class _SliceCollector:
             preempt.add_metric(label, st.preemptions)
             routed.add_metric(label, s.routed)
             late.add_metric(label, st.compiles_after_warmup)
-        yield from (running, waiting, usage, free, healthy, preempt, routed, late)
+            queries.add_metric(label, st.prefix_cache_queries)
+            hits.add_metric(label, st.prefix_cache_hits)
+            cached.add_metric(label, st.cached_pages)
+        yield from (running, waiting, usage, free, healthy, preempt, routed, late, queries, hits,
+                    cached)
 
 
 class ServingMetrics:
@@ -93,6 +107,24 @@ class ServingMetrics:
                                 ["reason"], registry=r)
         for reason in REJECT_REASONS:  # export zeros so rates work from the start
             self.rejected.labels(reason)
+        self.routing = Counter("meshserve_routing_decisions", "Requests routed, by why their "
+                               "slice was chosen (cache, load, only_healthy).", ["reason"],
+                               registry=r)
+        for reason in REASONS:
+            self.routing.labels(reason)
+        self.matched = Counter("meshserve_routing_matched_tokens", "Prompt tokens the router "
+                               "expected the chosen slice to have cached.", ["slice"],
+                               registry=r)
+        self.cached = Counter("meshserve_routing_cached_tokens", "Prompt tokens routed "
+                              "requests found cached.", ["slice"], registry=r)
+        self.stale = Counter("meshserve_routing_stale_hits", "Requests that found fewer "
+                             "tokens cached than the router expected (evicted or not yet "
+                             "published).", ["slice"], registry=r)
+        self.stale_tokens = Counter("meshserve_routing_stale_tokens", "Expected cached tokens "
+                                    "that were not.", ["slice"], registry=r)
+        for s in slices:
+            for counter in (self.matched, self.cached, self.stale, self.stale_tokens):
+                counter.labels(str(s.index))
         r.register(_SliceCollector(slices))
         self.startup = Gauge("meshserve_startup_seconds", "Process start to ready, by phase "
                              "(load, warmup, other, ready).", ["phase"], registry=r)
@@ -118,6 +150,18 @@ class ServingMetrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
         self.totals["rejected"] += 1
+
+    def routed(self, slice_index: int, reason: str, matched_tokens: int) -> None:
+        self.routing.labels(reason).inc()
+        self.matched.labels(str(slice_index)).inc(matched_tokens)
+
+    def cache_outcome(self, slice_index: int, matched_tokens: int, cached_tokens: int) -> None:
+        """A routed request finished having found `cached_tokens` of its prompt cached."""
+        label = str(slice_index)
+        self.cached.labels(label).inc(cached_tokens)
+        if cached_tokens < matched_tokens:
+            self.stale.labels(label).inc()
+            self.stale_tokens.labels(label).inc(matched_tokens - cached_tokens)
 
     def first_token(self, slice_index: int, seconds: float) -> None:
         self.ttft.labels(str(slice_index)).observe(seconds)
@@ -185,6 +229,8 @@ class TensorBoardWriter:
                 st.total_pages, 1)
             scalars[f"slice{s.index}/preemptions"] = st.preemptions
             scalars[f"slice{s.index}/healthy"] = 1.0 if s.healthy else 0.0
+            scalars[f"slice{s.index}/prefix_cache_hits"] = st.prefix_cache_hits
+            scalars[f"slice{s.index}/prefix_cache_queries"] = st.prefix_cache_queries
         now = time.time()
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, float(value), self._step, wall_time=now)

@@ -55,6 +55,8 @@ class PreparedRequest:
     params: SamplingParams
     logprobs: int | None  # None: the client did not ask for logprobs
     priority: int = 0
+    # Requests share cached KV pages only with requests of the same salt (tenants).
+    cache_salt: str = ""
 
     @property
     def cost_tokens(self) -> int:
@@ -145,7 +147,8 @@ def prepare(request: pb.GenerateRequest, tokenizer, limits: ModelLimits,
         **kwargs,
     )
     params.validate(limits.vocab_size, limits.max_logprobs)
-    return PreparedRequest(request_id, prompt_ids, params, logprobs, request.priority)
+    return PreparedRequest(request_id, prompt_ids, params, logprobs, request.priority,
+                           request.cache_salt)
 
 
 def to_response(chunk: StreamChunk, prepared: PreparedRequest) -> pb.GenerateResponse:

@@ -25,6 +25,7 @@ from meshserve.serving.auth import BearerTokenInterceptor
 from meshserve.serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
 from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 from meshserve.serving.requests import ModelLimits
+from meshserve.serving.routing import RoutingConfig
 from meshserve.serving.service import SERVICE_NAME, MeshServeService
 from meshserve.serving.slices import ModelInfo, Router, Slice
 
@@ -53,6 +54,7 @@ class ServerOptions:
     # engines' waiting queues refuse work long before this in normal operation.
     max_concurrent_rpcs: int = 4096
     default_max_tokens: int = 256
+    routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
 
     def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -72,7 +74,7 @@ class MeshServeServer:
         options.check()
         self.options = options
         self.slices = slices
-        self.router = Router(slices)
+        self.router = Router(slices, options.routing)
         engine = slices[0].engine
         limits = ModelLimits(
             vocab_size=engine.vocab_size,

@@ -33,7 +33,7 @@ from meshserve.serving.requests import (
     prepare,
     to_response,
 )
-from meshserve.serving.slices import ModelInfo, NoHealthySliceError, Router, Slice
+from meshserve.serving.slices import ModelInfo, NoHealthySliceError, Routed, Router, Slice
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MeshServe"].full_name
 # How often a waiting stream re-checks that its slice is alive: a dead engine must fail
@@ -50,11 +50,12 @@ class SliceFailedError(Exception):
 class _Stream:
     """Book-keeping for one in-flight Generate call; `close` runs exactly once."""
 
-    def __init__(self, service: MeshServeService, prepared: PreparedRequest, slice_: Slice,
+    def __init__(self, service: MeshServeService, prepared: PreparedRequest, routed: Routed,
                  arrival: float, peer: str):
         self.service = service
         self.prepared = prepared
-        self.slice = slice_
+        self.routed = routed
+        self.slice = routed.slice
         self.arrival = arrival
         self.peer = peer
         self.final: StreamChunk | None = None
@@ -84,11 +85,15 @@ class _Stream:
         usage = self.final.usage if self.final is not None else None
         svc.metrics.finish(self.slice.index, reason, e2e, queue_ms,
                            len(self.prepared.prompt_ids), self.generated)
+        if usage is not None:
+            svc.metrics.cache_outcome(self.slice.index, self.routed.matched_tokens,
+                                      usage.cached_tokens)
         logs.event(
             "request_finished", logging.INFO if self.failure is None else logging.WARNING,
             request_id=rid, slice=self.slice.index, peer=self.peer, finish_reason=reason,
             prompt_tokens=len(self.prepared.prompt_ids), completion_tokens=self.generated,
             cached_tokens=usage.cached_tokens if usage else None,
+            routing=self.routed.reason, matched_tokens=self.routed.matched_tokens,
             queue_ms=queue_ms, ttft_ms=self.final.ttft_ms if self.final else None,
             e2e_ms=round(e2e * 1e3, 3), error=self.failure,
         )
@@ -145,8 +150,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, "duplicate_id",
                                f"request_id {rid!r} is already in flight", rid)
         try:
-            slice_, handle = self.router.submit(prepared.prompt_ids, prepared.params, rid,
-                                                prepared.cost_tokens, prepared.priority)
+            routed = self.router.submit(prepared.prompt_ids, prepared.params, rid,
+                                        prepared.cost_tokens, prepared.priority,
+                                        prepared.cache_salt)
         except InvalidRequestError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(e), rid)
         except EngineOverloadedError as e:
@@ -155,7 +161,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         except NoHealthySliceError as e:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "unavailable", str(e), rid)
 
-        stream = _Stream(self, prepared, slice_, arrival, context.peer())
+        slice_, handle = routed.slice, routed.handle
+        self.metrics.routed(slice_.index, routed.reason, routed.matched_tokens)
+        stream = _Stream(self, prepared, routed, arrival, context.peer())
         self.inflight[rid] = stream
         # Runs when the RPC ends however it ends, even if grpc never resumes this
         # generator after a cancellation.

@@ -2,7 +2,8 @@
 
 `--slices N` splits the devices into N equal groups; each group gets its own mesh, its
 own copy of the weights and its own engine with its own batch and KV pages. Requests
-go to the healthy slice with the least work; a slice whose engine died is skipped.
+go to a healthy slice chosen by load and, with the prefix cache, by the prompt prefix
+it already holds (serving/routing.py); a slice whose engine died is skipped.
 """
 
 from __future__ import annotations
@@ -12,10 +13,26 @@ import os
 import threading
 from collections.abc import Sequence
 
-from meshserve.engine.engine import Engine, EngineConfig, EngineDeadError, EngineOverloadedError
+from meshserve.engine.engine import (
+    Engine,
+    EngineConfig,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestHandle,
+)
 from meshserve.engine.outputs import EngineStats
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.serving import logs
+from meshserve.serving.routing import (
+    CACHE,
+    LOAD,
+    ONLY_HEALTHY,
+    PrefixIndex,
+    RoutingConfig,
+    cache_score,
+    request_digests,
+    skewed,
+)
 
 
 class NoHealthySliceError(Exception):
@@ -126,43 +143,112 @@ def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
     return slices
 
 
-class Router:
-    """Least-loaded healthy slice first; ties go to more free KV pages, then to the slice
-    that was sent fewer requests (round robin when idle)."""
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """Where the router sent a request and why (serving.routing.REASONS), with the prompt
+    tokens it expected that slice to have cached."""
 
-    def __init__(self, slices: Sequence[Slice]):
+    slice: Slice
+    handle: RequestHandle
+    reason: str
+    matched_tokens: int
+
+
+class Router:
+    """Picks a healthy slice for each request (serving/routing.py for the policy).
+
+    Load is a slice's queued + running tokens plus what the router sent it that has not
+    finished (engine stats lag a step behind), ties going to more free KV pages, then to
+    the slice that was sent fewer requests (round robin when idle). Cache-aware
+    (RoutingConfig.cache_aware, with two or more slices and the engines' prefix cache
+    on): while loads are balanced the slice with the best `matched - load_weight * load`
+    score wins. A slice out of rotation (its engine stopped) or restarted (a new engine)
+    starts with an empty index.
+    """
+
+    def __init__(self, slices: Sequence[Slice], config: RoutingConfig | None = None):
         if not slices:
             raise ValueError("the router needs at least one slice")
         self.slices = list(slices)
+        self.config = config or RoutingConfig()
         self._lock = threading.Lock()
+        self._indexes: dict[int, PrefixIndex] = {}
+        self.page_size = self.slices[0].engine.config.page_size
+        self.cache_aware = (self.config.cache_aware and len(self.slices) > 1
+                            and all(s.engine.config.prefix_caching for s in self.slices))
+        with self._lock:
+            for s in self.slices:  # start the event logs before any request
+                self._index(s)
 
     def healthy(self) -> list[Slice]:
         return [s for s in self.slices if s.healthy]
 
-    def _order(self) -> list[Slice]:
-        def key(s: Slice) -> tuple[int, int, int]:
-            st = s.stats()
-            load = st.waiting_tokens + st.running_tokens + s.inflight_tokens
-            return (load, -st.free_pages, s.routed)
+    def _index(self, s: Slice) -> PrefixIndex | None:
+        """The slice's prefix index, brought up to date; None (and forgotten) while the
+        slice is out of rotation."""
+        if not self.cache_aware:
+            return None
+        index = self._indexes.get(s.index)
+        if not s.healthy:
+            self._indexes.pop(s.index, None)
+            return None
+        if index is None or index.engine is not s.engine:
+            index = self._indexes[s.index] = PrefixIndex(s.engine, self.config.event_log_capacity)
+        index.update()
+        return index
 
-        return sorted(self.healthy(), key=key)
+    def index_size(self, s: Slice) -> int:
+        """Page digests the router believes the slice holds, brought up to date (0 when it
+        keeps no index)."""
+        with self._lock:
+            index = self._index(s)
+            return len(index) if index is not None else 0
+
+    def _order(self, healthy: list[Slice], digests: list[bytes]) -> tuple[list[Slice], str,
+                                                                              dict[int, int]]:
+        """Slices best first, the reason, and each slice's expected cached tokens."""
+        stats = {s.index: s.stats() for s in healthy}
+        load = {s.index: stats[s.index].waiting_tokens + stats[s.index].running_tokens
+                + s.inflight_tokens for s in healthy}
+
+        def by_load(s: Slice) -> tuple[int, int, int]:
+            return (load[s.index], -stats[s.index].free_pages, s.routed)
+
+        matched = {}
+        for s in healthy:
+            index = self._index(s)
+            matched[s.index] = index.matched_pages(digests) * self.page_size if index else 0
+        if len(healthy) == 1:
+            return healthy, ONLY_HEALTHY, matched
+        if (not self.cache_aware or not any(matched.values())
+                or skewed(list(load.values()), self.config)):
+            return sorted(healthy, key=by_load), LOAD, matched
+        order = sorted(healthy, key=lambda s: (
+            -cache_score(matched[s.index], load[s.index], self.config), *by_load(s)))
+        return order, CACHE if matched[order[0].index] else LOAD, matched
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               cost_tokens: int, priority: int = 0):
-        """Add the request to the best slice; returns (slice, handle).
+               cost_tokens: int, priority: int = 0, cache_salt: str = "") -> Routed:
+        """Add the request to the best slice.
 
         Raises InvalidRequestError at once; EngineOverloadedError only when every healthy
         slice's waiting queue is full; NoHealthySliceError when no slice can take it.
         """
+        digests = (request_digests(prompt_ids, params, cache_salt, self.page_size)
+                   if self.cache_aware else [])
         with self._lock:
-            order = self._order()
-            if not order:
+            healthy = self.healthy()
+            for s in self.slices:
+                if s not in healthy:
+                    self._index(s)  # out of rotation: forget its index
+            if not healthy:
                 raise NoHealthySliceError("no healthy slice: every engine has stopped")
+            order, reason, matched = self._order(healthy, digests)
             overloaded: EngineOverloadedError | None = None
             for s in order:
                 try:
                     handle = s.engine.add_request(prompt_ids, params, request_id=request_id,
-                                                  priority=priority)
+                                                  priority=priority, cache_salt=cache_salt)
                 except EngineOverloadedError as e:
                     overloaded = e
                     continue
@@ -171,7 +257,9 @@ class Router:
                 s.inflight_requests += 1
                 s.inflight_tokens += cost_tokens
                 s.routed += 1
-                return s, handle
+                if s is not order[0]:
+                    reason = LOAD  # the first choice's queue was full
+                return Routed(s, handle, reason, matched[s.index])
             if overloaded is not None:
                 raise overloaded
             raise NoHealthySliceError("no healthy slice: every engine has stopped")

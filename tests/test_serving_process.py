@@ -76,6 +76,23 @@ def test_generate_target_and_bench_serving_against_a_served_process(demo_ckpt, t
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], key
         assert result["ttft_ms"]["p99"] <= result["e2e_ms"]["p99"]
         assert "ttft_ms" in bench.stdout and "goodput" in bench.stdout
+        assert result["requests_per_slice"] == {"0": 12}
+
+        # Shared-prefix workload: 34 of each prompt's 40 tokens are one of 2 prefixes.
+        shared = _cli("bench-serving", "--target", server.target, "--auth-token-file",
+                      str(token), "--num-prompts", "10", "--request-rate", "20", "--input-len",
+                      "40", "--output-len", "4", "--prefix-len", "34", "--num-prefixes", "2",
+                      "--out", str(tmp_path / "shared.json"), "--max-duration", "120")
+        assert shared.returncode == 0, shared.stderr
+        result = json.loads((tmp_path / "shared.json").read_text())
+        assert result["completed"] == 10 and result["num_prefixes"] == 2
+        # At most the 2 full pages of a prefix (32 tokens) are reused per request.
+        assert 0 < result["cached_tokens"] <= 10 * 32
+        assert result["cache_hit_rate"] == result["cached_tokens"] / (10 * 40)
+        assert "prompt tokens cached" in shared.stdout
+        too_long = _cli("bench-serving", "--target", server.target, "--auth-token-file",
+                        str(token), "--input-len", "40", "--prefix-len", "40")
+        assert too_long.returncode == 2 and "must be shorter" in too_long.stderr
         assert '"event": "request_finished"' in server.log  # structured, with request ids
         assert '"request_id": "' in server.log
     finally:

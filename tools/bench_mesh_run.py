@@ -177,7 +177,8 @@ async def _one(router, index: int, prompt: list[int], out_len: int) -> Result:
     params = SamplingParams(max_tokens=out_len, ignore_eos=True)
     start = last = time.perf_counter()
     try:
-        chosen, handle = router.submit(prompt, params, f"bench-{index}", cost)
+        routed = router.submit(prompt, params, f"bench-{index}", cost)
+        chosen, handle = routed.slice, routed.handle
     except (NoHealthySliceError, RuntimeError, ValueError) as e:
         result.error = type(e).__name__
         return result

@@ -8,12 +8,19 @@ output token after the first), ITL (inter-token latency) and E2E latency (mean, 
 p90, p99, in ms), request and token throughput, and goodput: requests per second that
 met every --slo target. Outputs are forced to their exact length with ignore_eos.
 
+Shared-prefix workload (--prefix-len N --num-prefixes K): the first N tokens of every
+prompt are one of K random prefixes (picked uniformly per request), the rest random, as
+multi-turn chat and shared system prompts look to a prefix cache; the summary adds the
+prompt tokens served from the cache (Usage.cached_tokens) and how many requests each
+slice took.
+
 Loopback targets only, a bounded number of requests and a bounded duration: it is a
 benchmark, not a load-testing tool for other people's servers.
 
     meshserve bench-serving --target 127.0.0.1:50051 --num-prompts 200 \
         --request-rate 8 --input-len 256 --output-len 64 --slo ttft_ms=500,tpot_ms=50 \
         --out bench.json
+    meshserve bench-serving --input-len 512 --prefix-len 460 --num-prefixes 4 ...
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ def define_flags() -> None:
     d.DEFINE_integer("output_len", 64, "Mean output length in tokens.", lower_bound=1)
     d.DEFINE_float("range_ratio", 0.0, "Lengths vary uniformly by this fraction.",
                    lower_bound=0.0, upper_bound=1.0)
+    d.DEFINE_integer("prefix_len", 0, "Shared-prefix workload: tokens of each prompt taken "
+                     "from one of --num-prefixes prefixes (0: fully random prompts).",
+                     lower_bound=0)
+    d.DEFINE_integer("num_prefixes", 1, "How many distinct shared prefixes.", lower_bound=1)
     d.DEFINE_string("slo", None, "Goodput targets, e.g. ttft_ms=500,tpot_ms=50 (also e2e_ms).")
     d.DEFINE_integer("seed", 0, "Seed for prompts and arrivals.")
     d.DEFINE_float("max_duration", 600.0, "Stop sending and cancel what runs after this many "
@@ -94,6 +105,8 @@ class Result:
     e2e: float | None = None
     itl: list[float] = dataclasses.field(default_factory=list)
     error: str | None = None
+    cached_tokens: int = 0
+    slice: int | None = None
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -113,6 +126,11 @@ def summarize(results: list[Result], duration: float, slo: dict[str, float]) -> 
                     "tpot_ms": (r.e2e - r.ttft) / max(r.output_len - 1, 1) * 1e3}
         good += all(measured[k] <= v for k, v in slo.items())
     inputs, outputs = sum(r.input_len for r in ok), sum(r.output_len for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    per_slice: dict[str, int] = {}
+    for r in ok:
+        if r.slice is not None:
+            per_slice[str(r.slice)] = per_slice.get(str(r.slice), 0) + 1
     errors: dict[str, int] = {}
     for r in results:
         if r.error is not None:
@@ -123,10 +141,30 @@ def summarize(results: list[Result], duration: float, slo: dict[str, float]) -> 
         "request_throughput": len(ok) / duration,
         "output_throughput": outputs / duration,
         "total_token_throughput": (inputs + outputs) / duration,
+        "cached_tokens": cached, "cache_hit_rate": cached / inputs if inputs else math.nan,
+        "requests_per_slice": dict(sorted(per_slice.items())),
         "goodput": good / duration if slo else None, "slo": slo,
         "ttft_ms": _stats([r.ttft for r in ok]), "tpot_ms": _stats(tpots),
         "itl_ms": _stats([x for r in ok for x in r.itl]), "e2e_ms": _stats([r.e2e for r in ok]),
     }
+
+
+def make_prompts(rng: np.random.Generator, lens: np.ndarray, vocab_size: int, prefix_len: int,
+                 num_prefixes: int) -> list[list[int]]:
+    """Random prompts of `lens` tokens; with prefix_len, each starts with one of
+    num_prefixes shared random prefixes of that length."""
+    # Ids 3.. skip the usual unk/bos/eos; random tokens defeat prefix caching.
+    low = min(3, vocab_size - 1)
+    if prefix_len and prefix_len >= int(lens.min()):
+        raise ValueError(f"--prefix-len {prefix_len} must be shorter than every prompt "
+                         f"(the shortest has {int(lens.min())} tokens)")
+    prefixes = [rng.integers(low, vocab_size, size=prefix_len).tolist()
+                for _ in range(num_prefixes if prefix_len else 0)]
+    prompts = []
+    for n in lens:
+        head = prefixes[int(rng.integers(num_prefixes))] if prefixes else []
+        prompts.append(head + rng.integers(low, vocab_size, size=int(n) - len(head)).tolist())
+    return prompts
 
 
 async def _one(stub, pb, prompt: list[int], out_len: int, metadata, timeout: float) -> Result:
@@ -147,6 +185,9 @@ async def _one(stub, pb, prompt: list[int], out_len: int, metadata, timeout: flo
                 result.itl.extend([(now - last) / n] * n)
             last = now
             result.output_len += n
+            if response.finish_reason:
+                result.cached_tokens = response.usage.cached_tokens
+                result.slice = response.slice
         result.e2e = time.perf_counter() - start
         if result.ttft is None:
             result.error = "no tokens"
@@ -159,7 +200,7 @@ async def run(target: str, num_prompts: int, request_rate: float, burstiness: fl
               max_concurrency: int | None, input_len: int, output_len: int, range_ratio: float,
               slo: dict[str, float], seed: int = 0, max_duration: float = 600.0,
               request_timeout: float = 300.0, token: str | None = None,
-              tls_ca: str | None = None) -> dict:
+              tls_ca: str | None = None, prefix_len: int = 0, num_prefixes: int = 1) -> dict:
     import grpc
 
     from meshserve.serving.client import auth_metadata, channel_credentials, channel_options
@@ -182,9 +223,7 @@ async def run(target: str, num_prompts: int, request_rate: float, burstiness: fl
         if over > 0:
             raise ValueError(f"input + output lengths reach {info.max_model_len + over} tokens; "
                              f"the server's max_model_len is {info.max_model_len}")
-        # Ids 3.. skip the usual unk/bos/eos; random tokens defeat prefix caching.
-        low = min(3, info.vocab_size - 1)
-        prompts = [rng.integers(low, info.vocab_size, size=int(n)).tolist() for n in ins]
+        prompts = make_prompts(rng, ins, info.vocab_size, prefix_len, num_prefixes)
         starts = arrival_times(rng, num_prompts, request_rate, burstiness)
         limit = asyncio.Semaphore(max_concurrency or num_prompts)
         t0 = time.perf_counter()
@@ -205,7 +244,8 @@ async def run(target: str, num_prompts: int, request_rate: float, burstiness: fl
     summary.update(target=target, model=info.model_name, num_prompts=num_prompts,
                    request_rate=request_rate, burstiness=burstiness,
                    max_concurrency=max_concurrency, input_len=input_len,
-                   output_len=output_len, range_ratio=range_ratio, seed=seed)
+                   output_len=output_len, range_ratio=range_ratio, seed=seed,
+                   prefix_len=prefix_len, num_prefixes=num_prefixes)
     return summary
 
 
@@ -214,7 +254,9 @@ def describe(s: dict) -> str:
              f"{'duration (s)':<28}{s['duration_s']:.2f}",
              f"{'request throughput (req/s)':<28}{s['request_throughput']:.2f}",
              f"{'output throughput (tok/s)':<28}{s['output_throughput']:.1f}",
-             f"{'total throughput (tok/s)':<28}{s['total_token_throughput']:.1f}"]
+             f"{'total throughput (tok/s)':<28}{s['total_token_throughput']:.1f}",
+             f"{'prompt tokens cached':<28}{s['cached_tokens']} "
+             f"({s['cache_hit_rate']:.1%})  per slice: {s['requests_per_slice']}"]
     if s["goodput"] is not None:
         lines.append(f"{'goodput (req/s)':<28}{s['goodput']:.2f}  slo={s['slo']}")
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
@@ -236,7 +278,8 @@ def main(argv: list[str]) -> int:
     summary = asyncio.run(run(
         f.target, f.num_prompts, f.request_rate, f.burstiness, f.max_concurrency, f.input_len,
         f.output_len, f.range_ratio, parse_slo(f.slo), f.seed, f.max_duration,
-        f.request_timeout, read_token(f.auth_token_file), f.tls_ca))
+        f.request_timeout, read_token(f.auth_token_file), f.tls_ca, f.prefix_len,
+        f.num_prefixes))
     print(describe(summary))
     if f.out:
         with open(f.out, "w") as out:

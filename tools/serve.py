@@ -41,6 +41,19 @@ def define_flags() -> None:
                      "shapes for more padding).", lower_bound=1)
     d.DEFINE_integer("min_seq_bucket", 1, "Smallest batch bucket.", lower_bound=1)
     d.DEFINE_bool("warmup", True, "Compile every shape bucket before serving.")
+    d.DEFINE_bool("prefix_cache", True, "Reuse the KV pages of prompt prefixes already "
+                  "computed (same tokens and cache_salt); --no-prefix-cache turns it off.")
+    # Routing between slices.
+    d.DEFINE_bool("cache_aware_routing", True, "With --slices > 1 and the prefix cache: send "
+                  "a request to the slice holding most of its prompt prefix while loads are "
+                  "balanced (--no-cache-aware-routing: least load only).")
+    d.DEFINE_integer("routing_balance_abs_tokens", 4096, "Load wins over the cache once the "
+                     "busiest slice has this many more queued + running tokens than the "
+                     "idlest...", lower_bound=0)
+    d.DEFINE_float("routing_balance_rel", 1.5, "...and more than this many times its load.",
+                   lower_bound=1.0)
+    d.DEFINE_float("routing_load_weight", 0.25, "While balanced, a slice scores matched "
+                   "prefix tokens minus this times its load tokens.", lower_bound=0.0)
     # Server.
     d.DEFINE_integer("max_request_bytes", 1 << 20, "Largest request (INVALID_ARGUMENT above "
                      "it; grpc answers RESOURCE_EXHAUSTED above twice it).", lower_bound=1024)
@@ -77,6 +90,7 @@ def main(argv: list[str]) -> int:
     from meshserve.meshes import default_compute_dtype
     from meshserve.serving import launch, logs
     from meshserve.serving.auth import read_token_file
+    from meshserve.serving.routing import RoutingConfig
     from meshserve.serving.server import ServerOptions
 
     f = flags.FLAGS
@@ -92,6 +106,10 @@ def main(argv: list[str]) -> int:
         tls_client_ca=_read(f.tls_client_ca), metrics_port=f.metrics_port,
         tensorboard_dir=f.tensorboard_dir, tensorboard_interval=f.tensorboard_interval,
         max_concurrent_rpcs=f.max_concurrent_rpcs, default_max_tokens=f.default_max_tokens,
+        routing=RoutingConfig(cache_aware=f.cache_aware_routing,
+                              balance_abs_tokens=f.routing_balance_abs_tokens,
+                              balance_rel=f.routing_balance_rel,
+                              load_weight=f.routing_load_weight),
     )
     options.check()  # before the (slow) model load
     engine_config = EngineConfig(
@@ -100,7 +118,7 @@ def main(argv: list[str]) -> int:
         decode_steps=f.decode_steps, max_logprobs=f.max_logprobs,
         max_waiting_requests=f.max_waiting_requests, max_waiting_tokens=f.max_waiting_tokens,
         min_token_bucket=f.min_token_bucket, min_seq_bucket=f.min_seq_bucket,
-        device_memory_bytes=capacity_bytes(),
+        device_memory_bytes=capacity_bytes(), prefix_caching=f.prefix_cache,
     )
     dtype = f.dtype or default_compute_dtype()
     if serve_multihost.active():
