@@ -11,6 +11,11 @@ in the same registry (so on `--metrics-port` and on the HTTP API's /metrics alik
 - Server-side TPOT (`meshserve_time_per_output_token_seconds`: a request's time from
   first to last token over its tokens after the first) and, with `--slo`, goodput
   (`meshserve_requests_within_slo`: completed requests that met every target).
+- Where a step's host time goes (`meshserve_step_host_seconds{slice,phase}`): planning
+  and building the batch ("schedule"), moving its inputs to the devices ("transfer"),
+  launching the program ("dispatch"), blocking on its results ("device_wait", which on
+  an accelerator is mostly device time) and applying them ("results"). What the device
+  does meanwhile (kernels, collectives) is for the profiler (serving/profiling.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
                 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
+STEP_PHASES = ("schedule", "transfer", "dispatch", "device_wait", "results")
+STEP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Engine finish reasons as vLLM names them in vllm:request_success{finished_reason}.
 _VLLM_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -145,12 +153,23 @@ class CompatMetrics:
         self.within_slo = Counter("meshserve_requests_within_slo", "Completed requests that "
                                   "met every --slo target (goodput; 0 without --slo).",
                                   ["slice"], registry=r)
+        self.step_host = Histogram("meshserve_step_host_seconds", "Host time of a step, by "
+                                   "phase (schedule, transfer, dispatch, device_wait, "
+                                   "results).", ["slice", "phase"], buckets=STEP_BUCKETS,
+                                   registry=r)
         r.register(_VllmGauges(slices, model_name))
         for s in slices:  # export zeros from the start, so rates and ratios work at once
             label = (model_name, str(s.index))
             for metric in (self.prompt_tokens, self.generation_tokens):
                 metric.labels(*label)
             self.within_slo.labels(str(s.index))
+
+    def observe_steps(self, slices: Sequence[Slice]) -> None:
+        """Have each slice's engine report its step phases into meshserve_step_host_seconds
+        (the latest server to call this gets them: tests run servers over shared engines)."""
+        for s in slices:
+            children = {p: self.step_host.labels(str(s.index), p) for p in STEP_PHASES}
+            s.engine.step_observer = lambda phase, seconds, c=children: c[phase].observe(seconds)
 
     def _labels(self, slice_index: int) -> tuple[str, str]:
         return self.model_name, str(slice_index)

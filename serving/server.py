@@ -98,13 +98,14 @@ class MeshServeServer:
         self.metrics = ServingMetrics(slices)
         self.model_name = options.served_model_name or model.name
         self.compat = CompatMetrics(self.metrics.registry, slices, self.model_name, options.slo)
+        self.compat.observe_steps(slices)
         self.core = GenerationCore(self.router, tokenizer, limits, self.metrics, self.compat)
-        self.service = MeshServeService(self.core, model)
         self.profiler = None
         if options.profile_dir:
             from meshserve.serving.profiling import Profiler
 
             self.profiler = Profiler(options.profile_dir)
+        self.service = MeshServeService(self.core, model, self.profiler)
         self.http = None
         self.http_port: int | None = None
         self.health = None

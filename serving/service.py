@@ -10,6 +10,7 @@ cancel, expired deadline, server error) is aborted in its engine, which frees it
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +18,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from meshserve.serving.core import GenerationCore, Rejected, SliceFailedError
+from meshserve.serving.profiling import Profiler, ProfilerBusyError
 from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 from meshserve.serving.requests import to_response
 from meshserve.serving.slices import ModelInfo
+from meshserve.serving.topology import fill_runtime
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MeshServe"].full_name
 VERSION = "meshserve.v1"
@@ -29,8 +32,10 @@ VERSION = "meshserve.v1"
 class MeshServeService(pb_grpc.MeshServeServicer):
     """The gRPC frontend of the shared request path (serving/core.py)."""
 
-    def __init__(self, core: GenerationCore, model: ModelInfo):
+    def __init__(self, core: GenerationCore, model: ModelInfo,
+                 profiler: Profiler | None = None):
         self.core = core
+        self.profiler = profiler
         self.router = core.router
         self.tokenizer = core.tokenizer
         self.limits = core.limits
@@ -113,4 +118,24 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                 running=st.running, waiting=st.waiting, free_pages=st.free_pages,
                 total_pages=st.total_pages, preemptions=st.preemptions, routed_requests=s.routed,
             )
+        fill_runtime(info, [list(s.engine.model.rules.mesh.devices.flat)
+                            for s in self.router.slices])
         return info
+
+    async def _profile(self, context, action):
+        if self.profiler is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "profiling is off: start the server with --profile-dir")
+        try:
+            return await asyncio.to_thread(action)
+        except ProfilerBusyError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def StartProfile(self, request: pb.StartProfileRequest, context) -> pb.ProfileResponse:
+        folder = await self._profile(context, lambda: self.profiler.start())
+        return pb.ProfileResponse(profile_dir=folder)
+
+    async def StopProfile(self, request: pb.StopProfileRequest, context) -> pb.ProfileResponse:
+        seconds, files = await self._profile(context, lambda: self.profiler.stop())
+        return pb.ProfileResponse(profile_dir=self.profiler.profile_dir, seconds=seconds,
+                                  files=files)

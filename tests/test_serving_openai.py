@@ -362,6 +362,12 @@ def test_models_health_and_metrics_while_requests_run(server, client, chat_model
     s = after[f"vllm:e2e_request_latency_seconds_sum{labels}"] - before[
         f"vllm:e2e_request_latency_seconds_sum{labels}"]
     assert 0 < s < 120
+    # Host time of the steps that ran, by phase.
+    for phase in ("schedule", "transfer", "dispatch", "device_wait", "results"):
+        key = f'meshserve_step_host_seconds_count{{phase="{phase}",slice="0"}}'
+        assert after[key] > before[key], phase
+    waited = 'meshserve_step_host_seconds_sum{phase="device_wait",slice="0"}'
+    assert 0 < after[waited] - before[waited] < s
     # The same registry on --metrics-port.
     port_samples = _scrape(f"http://127.0.0.1:{server.server.options.metrics_port}/metrics")
     assert port_samples[gen] == after[gen]

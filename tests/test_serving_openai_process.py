@@ -1,20 +1,25 @@
 """The HTTP API as users run it: `meshserve serve --http-port` in a subprocess, driven by
-the `openai` client and `meshserve bench-serving --backend openai`; and HTTPS with the
-gRPC server's certificates (TLS and mutual TLS)."""
+the `openai` client and `meshserve bench-serving --backend openai`; HTTPS with the gRPC
+server's certificates (TLS and mutual TLS); on-demand profiling over HTTP and gRPC; the
+runtime topology in GetServerInfo."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
+import grpc
 import jax
 import openai
 import pytest
 
+from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.serving_fixtures import (  # noqa: F401
     REPO,
     SERVING_FLAGS,
@@ -119,3 +124,66 @@ def test_https_and_mutual_tls(demo_model, certs, tmp_path):  # noqa: F811
         with openai.OpenAI(base_url=base, api_key="x", max_retries=0,
                            http_client=openai.DefaultHttpxClient(verify=mutual)) as c:
             assert [m.id for m in c.models.list().data] == [s.server.model_name]
+
+
+def test_profiling_on_demand_over_http_and_grpc(demo_model, tmp_path):  # noqa: F811
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    with running_server(demo_model, http_port=0, auth_token=TOKEN.encode(),
+                        profile_dir=str(tmp_path / "profiles")) as s:
+        base = f"http://127.0.0.1:{s.server.http_port}"
+
+        def post(path: str, headers=None) -> tuple[int, dict]:
+            req = urllib.request.Request(base + path, data=b"", method="POST",
+                                         headers=headers or {})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        assert post("/start_profile")[0] == 401  # writes files: the token is required
+        status, body = post("/start_profile", bearer)
+        assert status == 200 and body["profile_dir"] == str(tmp_path / "profiles")
+        assert post("/start_profile", bearer)[0] == 409
+        with openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0) as c:
+            r = c.completions.create(model=s.server.model_name, prompt=[1, 5, 6], max_tokens=8,
+                                     extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 8
+        status, body = post("/stop_profile", bearer)
+        assert status == 200 and body["seconds"] > 0
+        assert any(f.endswith(".xplane.pb") for f in body["files"]), body
+        assert all(os.path.getsize(f) > 0 for f in body["files"])
+        assert post("/stop_profile", bearer)[0] == 409
+
+        channel, stub = stub_for(s.target)
+        with channel:
+            started = stub.StartProfile(pb.StartProfileRequest(), metadata=metadata)
+            assert started.profile_dir == str(tmp_path / "profiles")
+            assert len(tokens_of(stub.Generate(request(token_ids=[1, 5, 6], max_tokens=4,
+                                                       ignore_eos=True),
+                                               metadata=metadata))) == 4
+            stopped = stub.StopProfile(pb.StopProfileRequest(), metadata=metadata)
+            assert any(f.endswith(".xplane.pb") for f in stopped.files)
+            assert not set(stopped.files) & set(body["files"])  # a run of its own
+            with pytest.raises(grpc.RpcError) as info:
+                stub.StopProfile(pb.StopProfileRequest(), metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.RpcError) as info:
+                stub.StartProfile(pb.StartProfileRequest())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with running_server(demo_model) as s:  # no --profile-dir: off
+        channel, stub = stub_for(s.target)
+        with channel:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.StartProfile(pb.StartProfileRequest())
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--profile-dir" in info.value.details()
+            server_info = stub.GetServerInfo(pb.GetServerInfoRequest())
+    assert server_info.platform == "cpu" and server_info.process_count == 1
+    assert server_info.jax_version == jax.__version__ and server_info.jaxlib_version
+    assert "XLA:CPU" in server_info.collective_implementation
+    (devices,) = [list(sl.device_info) for sl in server_info.slices]
+    assert [d.kind for d in devices] == ["cpu"] and devices[0].platform == "cpu"
+    assert devices[0].id == 0 and devices[0].process_index == 0  # the slice on device 0
+    assert not devices[0].coords  # only TPUs have physical coordinates
