@@ -107,6 +107,10 @@ class Engine:
         self.compiles_after_warmup = 0
         self._stopping = False
         self.error: str | None = None
+        # Called from the step loop with (phase, seconds) of host time: "schedule" (plan
+        # and batch arrays), "transfer" (inputs to the devices), "dispatch" (launching the
+        # program), "device_wait" (blocked on the results), "results" (applying them).
+        self.step_observer: Callable[[str, float], None] | None = None
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -281,9 +285,16 @@ class Engine:
                 self.scheduler.finish(entry[0], "abort")
                 self._emit(entry[0], entry[1])
 
+    def _observe(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.step_observer is not None:
+            self.step_observer(phase, now - since)
+        return now
+
     def step(self) -> bool:
         """Read the results of one device call (launching it first unless it was chained
         behind the previous one). False when there is no work."""
+        started = time.perf_counter()
         self._drain_inbox()
         if self._chained is None:
             plan = self.scheduler.schedule()
@@ -294,6 +305,7 @@ class Engine:
                 for item in rows:
                     item.seq.first_scheduled = item.seq.first_scheduled or now
             inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
+            self._observe("schedule", started)
             pending = self.launch(inputs, plan.decode)
         else:
             (plan, pending), self._chained = self._chained, None
@@ -303,17 +315,23 @@ class Engine:
         self._drain_inbox()
         if self.overlap:
             self._chain(plan, pending)
-        self._apply(plan, jax.device_get(pending))  # the one host sync per call
+        waited = time.perf_counter()
+        out = jax.device_get(pending)  # the one host sync per call
+        applying = self._observe("device_wait", waited)
+        self._apply(plan, out)
+        self._observe("results", applying)
         return True
 
     def _chain(self, plan: StepPlan, pending: StepOutputs) -> None:
         """Plan and launch the decode call after `plan` before reading its results, so the
         host's planning, input transfer and result handling overlap device work."""
+        started = time.perf_counter()
         nxt = self.scheduler.plan_after(plan)
         if nxt is None:
             return
         seqs = pending.stopped.shape[1]  # the same bucket: the rows continue by index
         inputs = build_inputs(nxt, self.config, self.pages_per_seq, 0, seqs, seqs)
+        self._observe("schedule", started)
         self._chained = (nxt, self._run(inputs, True, (pending.last_tokens, pending.stopped)))
         self._chained_calls += 1
 
@@ -327,9 +345,13 @@ class Engine:
 
     def _run(self, inputs: StepInputs, decode: bool, prev=None) -> StepOutputs:
         """Launch one call on the engine's state (StepFunctions.run says what `prev` is)."""
+        started = time.perf_counter()
+        placed = self._put(inputs)
+        started = self._observe("transfer", started)
         self._kv, self._counts, self._seen, out = self._fns.run(
-            self._kv, self._counts, self._seen, self._put(inputs), decode, prev
+            self._kv, self._counts, self._seen, placed, decode, prev
         )
+        self._observe("dispatch", started)
         tokens, seqs = np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1]
         self.program_calls[decode, tokens, seqs] += 1
         if self._compiles_at_warmup is not None:
@@ -374,7 +396,13 @@ class Engine:
 
     def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:
         plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])
-        self.execute(build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs), decode)
+        # Compiles are not steps: keep them out of the step-time histograms.
+        observer, self.step_observer = self.step_observer, None
+        try:
+            self.execute(build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs),
+                         decode)
+        finally:
+            self.step_observer = observer
 
     # -- results -----------------------------------------------------------------------
     def _apply(self, plan: StepPlan, out) -> None:

@@ -30,6 +30,16 @@ def read_token_file(path: str) -> bytes:
     return token
 
 
+def bearer_matches(values, expected: bytes) -> bool:
+    """Exactly one authorization value, equal to `expected` (b"Bearer <token>"), compared
+    in constant time; shared by gRPC metadata and HTTP headers."""
+    if len(values) != 1:
+        return False
+    value = values[0]
+    value = value.encode("latin-1", "replace") if isinstance(value, str) else bytes(value)
+    return hmac.compare_digest(value, expected)
+
+
 def _denier(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that fails with UNAUTHENTICATED.
 
@@ -54,12 +64,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._on_reject = on_reject
 
     def _authorized(self, metadata) -> bool:
-        values = [v for k, v in (metadata or ()) if k == "authorization"]
-        if len(values) != 1:
-            return False
-        value = values[0]
-        value = value.encode("latin-1", "replace") if isinstance(value, str) else bytes(value)
-        return hmac.compare_digest(value, self._expected)
+        return bearer_matches([v for k, v in (metadata or ()) if k == "authorization"],
+                              self._expected)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method

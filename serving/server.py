@@ -1,10 +1,12 @@
-"""Assembling and running the gRPC server: ports, TLS, auth, health, reflection, metrics,
-warm-up, and graceful shutdown on SIGTERM/SIGINT.
+"""Assembling and running the server: the gRPC port and, with `http_port`, the
+OpenAI-compatible HTTP API in the same event loop (both over one GenerationCore, so one
+request path); TLS, auth, health, reflection, metrics, warm-up, and graceful shutdown on
+SIGTERM/SIGINT.
 
-Shutdown: readiness ("meshserve.v1.MeshServe") turns NOT_SERVING and new Generate calls
-get UNAVAILABLE while liveness ("") and in-flight streams carry on; after the grace
-period whatever is still running is aborted (its stream ends with finish_reason
-"abort"), the port closes and the engines stop. A second signal skips the wait.
+Shutdown: readiness ("meshserve.v1.MeshServe", and HTTP /health) turns NOT_SERVING and
+new Generate calls get UNAVAILABLE (HTTP 503) while liveness ("") and in-flight streams
+carry on; after the grace period whatever is still running is aborted (its stream ends
+with finish_reason "abort"), the ports close and the engines stop. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from grpc_reflection.v1alpha import reflection
 
 from meshserve.serving import logs
 from meshserve.serving.auth import BearerTokenInterceptor
+from meshserve.serving.compat_metrics import CompatMetrics
+from meshserve.serving.core import GenerationCore
 from meshserve.serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
 from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
 from meshserve.serving.requests import ModelLimits
@@ -55,6 +59,12 @@ class ServerOptions:
     max_concurrent_rpcs: int = 4096
     default_max_tokens: int = 256
     routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
+    # The OpenAI-compatible HTTP API (None: off), with the same TLS, token and limits.
+    http_port: int | None = None  # 0 picks a free port (see MeshServeServer.http_port)
+    http_host: str = "127.0.0.1"
+    served_model_name: str | None = None  # the API's model id (default: the model's name)
+    profile_dir: str | None = None  # set: on-demand jax.profiler traces are written here
+    slo: dict[str, float] = dataclasses.field(default_factory=dict)  # goodput targets (ms)
 
     def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -67,6 +77,10 @@ class ServerOptions:
             raise ValueError("--grace-period must be >= 0")
         if self.default_max_tokens < 1:
             raise ValueError("--default-max-tokens must be >= 1")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError("--http-port must be in [0, 65536)")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("--served-model-name must not be empty")
 
 
 class MeshServeServer:
@@ -84,7 +98,18 @@ class MeshServeServer:
             default_max_tokens=options.default_max_tokens,
         )
         self.metrics = ServingMetrics(slices)
-        self.service = MeshServeService(self.router, tokenizer, limits, model, self.metrics)
+        self.model_name = options.served_model_name or model.name
+        self.compat = CompatMetrics(self.metrics.registry, slices, self.model_name, options.slo)
+        self.compat.observe_steps(slices)
+        self.core = GenerationCore(self.router, tokenizer, limits, self.metrics, self.compat)
+        self.profiler = None
+        if options.profile_dir:
+            from meshserve.serving.profiling import Profiler
+
+            self.profiler = Profiler(options.profile_dir)
+        self.service = MeshServeService(self.core, model, self.profiler)
+        self.http = None
+        self.http_port: int | None = None
         self.health = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -141,9 +166,10 @@ class MeshServeServer:
             self.port = self.server.add_insecure_port(address)
         if not self.port:
             raise RuntimeError(f"could not bind {address}")
-        if o.host not in LOOPBACK and (o.tls_cert is None or o.auth_token is None):
-            logs.event("insecure_bind", logging.WARNING, host=o.host,
-                       message="listening beyond loopback without TLS and auth")
+        for bound in (o.host, o.http_host if o.http_port is not None else None):
+            if bound and bound not in LOOPBACK and (o.tls_cert is None or o.auth_token is None):
+                logs.event("insecure_bind", logging.WARNING, host=bound,
+                           message="listening beyond loopback without TLS and auth")
         if o.metrics_port is not None:
             self._prometheus = start_prometheus(self.metrics, o.metrics_port, o.metrics_host)
         if o.tensorboard_dir:
@@ -151,22 +177,39 @@ class MeshServeServer:
                                                   o.tensorboard_interval)
             self._tensorboard.start()
         await self.server.start()
+        if o.http_port is not None:
+            await self._start_http()
         logs.event("server_started", host=o.host, port=self.port, tls=o.tls_cert is not None,
                    mtls=o.tls_client_ca is not None, auth=o.auth_token is not None,
                    slices=len(self.slices), layouts=[s.layout for s in self.slices],
-                   metrics_port=o.metrics_port)
+                   metrics_port=o.metrics_port, http_host=o.http_host if self.http else None,
+                   http_port=self.http_port, model_name=self.model_name)
         self._monitor = asyncio.create_task(self._watch_health())
         return self.port
 
+    async def _start_http(self) -> None:
+        from meshserve.serving.http_api import OpenAIServer, server_ssl_context
+
+        o = self.options
+        ssl_context = None
+        if o.tls_cert is not None:
+            ssl_context = server_ssl_context(o.tls_cert, o.tls_key, o.tls_client_ca)
+        self.http = OpenAIServer(self.core, self.model_name, o.max_request_bytes,
+                                 o.max_concurrent_rpcs, o.auth_token, self.profiler)
+        try:
+            self.http_port = await self.http.start(o.http_host, o.http_port, ssl_context)
+        except OSError as e:
+            await self.server.stop(grace=0)
+            raise RuntimeError(f"could not bind the HTTP API on {o.http_host}:{o.http_port}: "
+                               f"{e}") from None
+
     async def _readiness(self) -> None:
-        svc = self.service
-        ready = not svc.draining and not svc.warming and bool(self.router.healthy())
-        await self.health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
+        await self.health.set(SERVICE_NAME, SERVING if self.core.ready else NOT_SERVING)
 
     async def _watch_health(self) -> None:
         """Keep readiness in step with the slices: NOT_SERVING once none is healthy."""
         known = None
-        while not self.service.draining:
+        while not self.core.draining:
             healthy = tuple(s.index for s in self.slices if s.healthy)
             if healthy != known:
                 if known is not None:
@@ -180,7 +223,7 @@ class MeshServeServer:
     async def drain(self) -> None:
         """Refuse new Generate calls (UNAVAILABLE) and report readiness NOT_SERVING;
         running streams carry on."""
-        self.service.draining = True
+        self.core.draining = True
         await self._readiness()
 
     async def stop(self, grace: float | None = None, shutdown_engines: bool = True) -> None:
@@ -193,19 +236,24 @@ class MeshServeServer:
         grace = self.options.grace_period if grace is None else grace
         await self.drain()
         loop = asyncio.get_running_loop()
-        logs.event("draining", inflight=len(self.service.inflight), grace_period_s=grace)
+        inflight = self.core.inflight
+        logs.event("draining", inflight=len(inflight), grace_period_s=grace)
         deadline = loop.time() + grace
-        while self.service.inflight and loop.time() < deadline and not self._skip_grace.is_set():
+        while inflight and loop.time() < deadline and not self._skip_grace.is_set():
             await asyncio.sleep(0.05)
-        left = list(self.service.inflight.values())
+        left = list(inflight.values())
         for stream in left:
             stream.slice.engine.abort(stream.prepared.request_id)
-        # Let the aborted streams send their final chunk before the port closes.
+        # Let the aborted streams send their final chunk before the ports close.
         deadline = loop.time() + 2.0
-        while self.service.inflight and loop.time() < deadline:
+        while inflight and loop.time() < deadline:
             await asyncio.sleep(0.02)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=1.0)
+        if self.http is not None:
+            await self.http.stop()
+        if self.profiler is not None and self.profiler.running:
+            await asyncio.to_thread(self.profiler.stop)
         if self._monitor is not None:
             self._monitor.cancel()
         if shutdown_engines:
@@ -236,7 +284,7 @@ class MeshServeServer:
 
     async def _prepare(self, prepare: Callable[[], None], failed: asyncio.Event) -> None:
         """Run `prepare` (warm-up) off the loop with readiness NOT_SERVING meanwhile."""
-        self.service.warming = True
+        self.core.warming = True
         await self._readiness()
         try:
             await asyncio.to_thread(prepare)
@@ -245,7 +293,7 @@ class MeshServeServer:
             self.prepare_error = e
             failed.set()
             return
-        self.service.warming = False
+        self.core.warming = False
         self.service.startup.ready = True
         await self._readiness()
 

@@ -32,7 +32,7 @@ def test_stubs_import_and_describe_the_service():
     service = pb.DESCRIPTOR.services_by_name["MeshServe"]
     assert service.full_name == "meshserve.v1.MeshServe"
     assert {m.name for m in service.methods} == {
-        "Generate", "Tokenize", "Detokenize", "GetServerInfo"}
+        "Generate", "Tokenize", "Detokenize", "GetServerInfo", "StartProfile", "StopProfile"}
     assert service.methods_by_name["Generate"].server_streaming
     fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
     for name in ("temperature", "top_p", "seed", "max_tokens", "repetition_penalty",

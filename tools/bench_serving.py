@@ -14,6 +14,12 @@ multi-turn chat and shared system prompts look to a prefix cache; the summary ad
 prompt tokens served from the cache (Usage.cached_tokens) and how many requests each
 slice took.
 
+`--backend openai --base-url URL` sends the same workload to an OpenAI-compatible HTTP
+server (meshserve's `--http-port`, vLLM, sglang, ...) as streamed `/v1/completions` with
+token-id prompts, and measures it the same way: tokens per chunk from vLLM's
+`return_token_ids` when the server sends them (one per chunk otherwise), the output
+length from the final usage chunk (`stream_options.include_usage`).
+
 Loopback targets only, a bounded number of requests and a bounded duration: it is a
 benchmark, not a load-testing tool for other people's servers.
 
@@ -21,6 +27,8 @@ benchmark, not a load-testing tool for other people's servers.
         --request-rate 8 --input-len 256 --output-len 64 --slo ttft_ms=500,tpot_ms=50 \
         --out bench.json
     meshserve bench-serving --input-len 512 --prefix-len 460 --num-prefixes 4 ...
+    meshserve bench-serving --backend openai --base-url http://127.0.0.1:8000 \
+        --vocab-size 49152 --num-prompts 200 --request-rate 8
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import math
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 from absl import flags
@@ -64,6 +73,14 @@ def define_flags() -> None:
     d.DEFINE_string("out", None, "Write the results as JSON here.")
     d.DEFINE_string("auth_token_file", None, "Bearer token file.")
     d.DEFINE_string("tls_ca", None, "Use TLS, trusting this CA (PEM).")
+    d.DEFINE_enum("backend", "grpc", ["grpc", "openai"], "grpc: meshserve's Generate at "
+                  "--target; openai: streamed /v1/completions at --base-url.")
+    d.DEFINE_string("base_url", None, "With --backend openai: the server's URL, e.g. "
+                    "http://127.0.0.1:8000 (loopback only; a trailing /v1 is fine).")
+    d.DEFINE_string("model", None, "With --backend openai: the model id (default: the first "
+                    "of /v1/models).")
+    d.DEFINE_integer("vocab_size", None, "With --backend openai: random prompt ids are drawn "
+                     "below this (the HTTP API does not say it).", lower_bound=4)
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
@@ -76,11 +93,22 @@ def parse_slo(text: str | None) -> dict[str, float]:
     return slo
 
 
-def check_loopback(target: str) -> None:
+def check_loopback(target: str, flag: str = "--target") -> None:
     host = target.rsplit(":", 1)[0]
     if host not in LOOPBACK_HOSTS:
-        raise ValueError(f"--target must be a loopback address ({', '.join(LOOPBACK_HOSTS)}), "
+        raise ValueError(f"{flag} must be a loopback address ({', '.join(LOOPBACK_HOSTS)}), "
                          f"got {host!r}")
+
+
+def api_base(base_url: str) -> str:
+    """The server's root URL (without /v1), checked to be http(s) on loopback."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--base-url must be http://HOST:PORT or https://..., got {base_url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    check_loopback(f"{host}:{parts.port or 0}", "--base-url")
+    root = base_url.rstrip("/")
+    return root[:-3] if root.endswith("/v1") else root
 
 
 def lengths(rng: np.random.Generator, mean: int, ratio: float, n: int) -> np.ndarray:
@@ -196,11 +224,169 @@ async def _one(stub, pb, prompt: list[int], out_len: int, metadata, timeout: flo
     return result
 
 
+async def _one_openai(session, url: str, model: str, prompt: list[int], out_len: int,
+                      headers: dict[str, str], timeout: float) -> Result:
+    """One streamed /v1/completions request, timed as `_one` times a Generate call."""
+    import aiohttp
+
+    result = Result(input_len=len(prompt))
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "return_token_ids": True}
+    start = last = time.perf_counter()
+    reported = None
+    try:
+        async with session.post(url, json=body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            if response.status != 200:
+                result.error = f"HTTP {response.status}"
+                return result
+            async for raw in response.content:  # one SSE line at a time
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    result.error = str(obj["error"].get("code") or "stream error")
+                    return result
+                if obj.get("usage"):
+                    reported = obj["usage"].get("completion_tokens")
+                for choice in obj.get("choices") or ():
+                    ids = choice.get("token_ids")
+                    n = len(ids) if ids is not None else (1 if choice.get("text") else 0)
+                    if not n:
+                        continue
+                    now = time.perf_counter()
+                    if result.ttft is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.extend([(now - last) / n] * n)
+                    last = now
+                    result.output_len += n
+        result.e2e = time.perf_counter() - start
+        if reported is not None:
+            result.output_len = int(reported)
+        if result.ttft is None:
+            result.error = "no tokens"
+    except (TimeoutError, aiohttp.ClientError) as e:
+        result.error = type(e).__name__
+    return result
+
+
+async def _openai_info(session, base: str, headers: dict[str, str],
+                       model: str | None) -> tuple[str, int | None]:
+    """(model id, max_model_len if the server says it) from /v1/models."""
+    async with session.get(base + "/v1/models", headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"GET {base}/v1/models answered HTTP {response.status}")
+        cards = (await response.json()).get("data") or []
+    if not cards:
+        raise RuntimeError(f"{base}/v1/models lists no model")
+    card = next((c for c in cards if c.get("id") == model), None) if model else cards[0]
+    if card is None:
+        raise ValueError(f"--model {model!r} is not among {[c.get('id') for c in cards]}")
+    return card["id"], card.get("max_model_len")
+
+
+def _workload(seed: int, num_prompts: int, input_len: int, output_len: int, range_ratio: float,
+              request_rate: float, burstiness: float, vocab_size: int,
+              max_model_len: int | None, prefix_len: int = 0, num_prefixes: int = 1):
+    rng = np.random.default_rng(seed)
+    ins = lengths(rng, input_len, range_ratio, num_prompts)
+    outs = lengths(rng, output_len, range_ratio, num_prompts)
+    if max_model_len is not None:
+        over = int((ins + outs).max()) - max_model_len
+        if over > 0:
+            raise ValueError(f"input + output lengths reach {max_model_len + over} tokens; "
+                             f"the server's max_model_len is {max_model_len}")
+    prompts = make_prompts(rng, ins, vocab_size, prefix_len, num_prefixes)
+    return prompts, outs, arrival_times(rng, num_prompts, request_rate, burstiness)
+
+
+async def _drive(one, prompts, outs, starts, max_concurrency: int | None,
+                 max_duration: float) -> tuple[list[Result], float]:
+    """Send every request at its arrival time (at most max_concurrency in flight)."""
+    limit = asyncio.Semaphore(max_concurrency or len(prompts))
+    t0 = time.perf_counter()
+
+    async def scheduled(i: int) -> Result:
+        await asyncio.sleep(max(0.0, starts[i] - (time.perf_counter() - t0)))
+        async with limit:
+            return await one(prompts[i], int(outs[i]))
+
+    tasks = [asyncio.create_task(scheduled(i)) for i in range(len(prompts))]
+    done, pending = await asyncio.wait(tasks, timeout=max_duration)
+    for t in pending:
+        t.cancel()
+    results = [t.result() if t in done else Result(len(prompts[i]), error="max_duration")
+               for i, t in enumerate(tasks)]
+    return results, time.perf_counter() - t0
+
+
+async def _run_openai(base_url: str, model: str | None, vocab_size: int | None, workload,
+                      max_concurrency, max_duration, request_timeout, token, tls_ca):
+    import ssl
+
+    import aiohttp
+
+    if vocab_size is None:
+        raise ValueError("--backend openai needs --vocab-size (random prompt ids are drawn "
+                         "below it)")
+    base = api_base(base_url)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+    connector = aiohttp.TCPConnector(limit=0, ssl=context if context else True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        model, max_len = await _openai_info(session, base, headers, model)
+        prompts, outs, starts = workload(vocab_size, max_len)
+
+        async def one(prompt: list[int], out_len: int) -> Result:
+            return await _one_openai(session, base + "/v1/completions", model, prompt, out_len,
+                                     headers, request_timeout)
+
+        results, duration = await _drive(one, prompts, outs, starts, max_concurrency,
+                                         max_duration)
+    return results, duration, model, prompts
+
+
 async def run(target: str, num_prompts: int, request_rate: float, burstiness: float,
               max_concurrency: int | None, input_len: int, output_len: int, range_ratio: float,
               slo: dict[str, float], seed: int = 0, max_duration: float = 600.0,
               request_timeout: float = 300.0, token: str | None = None,
-              tls_ca: str | None = None, prefix_len: int = 0, num_prefixes: int = 1) -> dict:
+              tls_ca: str | None = None, backend: str = "grpc", base_url: str | None = None,
+              model: str | None = None, vocab_size: int | None = None, prefix_len: int = 0,
+              num_prefixes: int = 1) -> dict:
+    def workload(vocab: int, max_model_len: int | None):
+        return _workload(seed, num_prompts, input_len, output_len, range_ratio, request_rate,
+                         burstiness, vocab, max_model_len, prefix_len, num_prefixes)
+
+    if backend == "openai":
+        if not base_url:
+            raise ValueError("--backend openai needs --base-url")
+        results, duration, model_name, prompts = await _run_openai(
+            base_url, model, vocab_size, workload, max_concurrency, max_duration,
+            request_timeout, token, tls_ca)
+        summary = summarize(results, duration, slo)
+        summary.update(backend=backend, base_url=base_url, target=None, model=model_name)
+    elif backend == "grpc":
+        results, duration, info = await _run_grpc(target, workload, max_concurrency,
+                                                  max_duration, request_timeout, token, tls_ca)
+        summary = summarize(results, duration, slo)
+        summary.update(backend=backend, target=target, model=info.model_name)
+    else:
+        raise ValueError(f"--backend must be grpc or openai, got {backend!r}")
+    summary.update(num_prompts=num_prompts, request_rate=request_rate, burstiness=burstiness,
+                   max_concurrency=max_concurrency, input_len=input_len,
+                   output_len=output_len, range_ratio=range_ratio, seed=seed,
+                   prefix_len=prefix_len, num_prefixes=num_prefixes)
+    return summary
+
+
+async def _run_grpc(target: str, workload, max_concurrency, max_duration, request_timeout,
+                    token, tls_ca):
     import grpc
 
     from meshserve.serving.client import auth_metadata, channel_credentials, channel_options
@@ -216,37 +402,15 @@ async def run(target: str, num_prompts: int, request_rate: float, burstiness: fl
     async with channel:
         stub = pb_grpc.MeshServeStub(channel)
         info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata, timeout=30)
-        rng = np.random.default_rng(seed)
-        ins = lengths(rng, input_len, range_ratio, num_prompts)
-        outs = lengths(rng, output_len, range_ratio, num_prompts)
-        over = int((ins + outs).max()) - info.max_model_len
-        if over > 0:
-            raise ValueError(f"input + output lengths reach {info.max_model_len + over} tokens; "
-                             f"the server's max_model_len is {info.max_model_len}")
-        prompts = make_prompts(rng, ins, info.vocab_size, prefix_len, num_prefixes)
-        starts = arrival_times(rng, num_prompts, request_rate, burstiness)
-        limit = asyncio.Semaphore(max_concurrency or num_prompts)
-        t0 = time.perf_counter()
+        prompts, outs, starts = workload(info.vocab_size, info.max_model_len)
 
-        async def scheduled(i: int) -> Result:
-            await asyncio.sleep(max(0.0, starts[i] - (time.perf_counter() - t0)))
-            async with limit:
-                return await _one(stub, pb, prompts[i], int(outs[i]), metadata, request_timeout)
+        async def one(prompt: list[int], out_len: int) -> Result:
+            return await _one(stub, pb, prompt, out_len, metadata, request_timeout)
 
-        tasks = [asyncio.create_task(scheduled(i)) for i in range(num_prompts)]
-        done, pending = await asyncio.wait(tasks, timeout=max_duration)
-        for t in pending:
-            t.cancel()
-        results = [t.result() if t in done else Result(len(prompts[i]), error="max_duration")
-                   for i, t in enumerate(tasks)]
-        duration = time.perf_counter() - t0
-    summary = summarize(results, duration, slo)
-    summary.update(target=target, model=info.model_name, num_prompts=num_prompts,
-                   request_rate=request_rate, burstiness=burstiness,
-                   max_concurrency=max_concurrency, input_len=input_len,
-                   output_len=output_len, range_ratio=range_ratio, seed=seed,
-                   prefix_len=prefix_len, num_prefixes=num_prefixes)
-    return summary
+        results, duration = await _drive(one, prompts, outs, starts, max_concurrency,
+                                         max_duration)
+    return results, duration, info
+
 
 
 def describe(s: dict) -> str:
@@ -278,8 +442,9 @@ def main(argv: list[str]) -> int:
     summary = asyncio.run(run(
         f.target, f.num_prompts, f.request_rate, f.burstiness, f.max_concurrency, f.input_len,
         f.output_len, f.range_ratio, parse_slo(f.slo), f.seed, f.max_duration,
-        f.request_timeout, read_token(f.auth_token_file), f.tls_ca, f.prefix_len,
-        f.num_prefixes))
+        f.request_timeout, read_token(f.auth_token_file), f.tls_ca, backend=f.backend,
+        base_url=f.base_url, model=f.model, vocab_size=f.vocab_size,
+        prefix_len=f.prefix_len, num_prefixes=f.num_prefixes))
     print(describe(summary))
     if f.out:
         with open(f.out, "w") as out:

@@ -1,4 +1,5 @@
-"""`meshserve serve`: the gRPC server (flags here; everything else lives in serving/)."""
+"""`meshserve serve`: the gRPC server and, with --http-port, the OpenAI-compatible HTTP
+API beside it (flags here; everything else lives in serving/)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,22 @@ def define_flags() -> None:
     d.DEFINE_string("tls_key", None, "Server private key (PEM) for TLS.")
     d.DEFINE_string("tls_client_ca", None, "CA (PEM) that client certificates must chain to "
                     "(mutual TLS).")
-    d.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on 127.0.0.1:PORT.")
+    d.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on "
+                     "--metrics-host:PORT.")
+    d.DEFINE_string("metrics_host", "127.0.0.1", "Address of --metrics-port (loopback by "
+                    "default; 0.0.0.0 lets an in-cluster Prometheus scrape).")
+    d.DEFINE_integer("http_port", None, "Also serve the OpenAI-compatible HTTP API "
+                     "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) "
+                     "on this port (0 picks a free one), with the same token, TLS and limits.",
+                     lower_bound=0, upper_bound=65535)
+    d.DEFINE_string("http_host", "127.0.0.1", "Address of --http-port (loopback by default).")
+    d.DEFINE_string("served_model_name", None, "The model id of the HTTP API (default: the "
+                    "model's name).")
+    d.DEFINE_string("profile_dir", None, "Allow on-demand jax.profiler traces (HTTP POST "
+                    "/start_profile, /stop_profile; the StartProfile/StopProfile RPCs), written "
+                    "here. Off without it.")
+    d.DEFINE_string("slo", None, "Goodput targets, e.g. ttft_ms=500,tpot_ms=50 (also e2e_ms): "
+                    "meshserve_requests_within_slo counts the requests that met them.")
     d.DEFINE_string("tensorboard_dir", None, "Write serving scalars as TensorBoard events.")
     d.DEFINE_float("tensorboard_interval", 10.0, "Seconds between TensorBoard writes.",
                    lower_bound=0.1)
@@ -90,6 +106,7 @@ def main(argv: list[str]) -> int:
     from meshserve.meshes import default_compute_dtype
     from meshserve.serving import launch, logs
     from meshserve.serving.auth import read_token_file
+    from meshserve.serving.compat_metrics import parse_slo
     from meshserve.serving.routing import RoutingConfig
     from meshserve.serving.server import ServerOptions
 
@@ -104,6 +121,8 @@ def main(argv: list[str]) -> int:
         auth_token=read_token_file(f.auth_token_file) if f.auth_token_file else None,
         tls_cert=_read(f.tls_cert), tls_key=_read(f.tls_key),
         tls_client_ca=_read(f.tls_client_ca), metrics_port=f.metrics_port,
+        metrics_host=f.metrics_host, http_port=f.http_port, http_host=f.http_host,
+        served_model_name=f.served_model_name, profile_dir=f.profile_dir, slo=parse_slo(f.slo),
         tensorboard_dir=f.tensorboard_dir, tensorboard_interval=f.tensorboard_interval,
         max_concurrent_rpcs=f.max_concurrent_rpcs, default_max_tokens=f.default_max_tokens,
         routing=RoutingConfig(cache_aware=f.cache_aware_routing,

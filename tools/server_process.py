@@ -14,6 +14,7 @@ import threading
 import time
 
 _STARTED = re.compile(r'"event": "server_started".*"port": (\d+)')
+_HTTP_PORT = re.compile(r'"http_port": (\d+)')
 
 
 class ServeProcess:
@@ -32,6 +33,7 @@ class ServeProcess:
         self._started = threading.Event()
         self.ready = threading.Event()
         self.port: int | None = None
+        self.http_port: int | None = None  # with --http-port
         self.ready_after: float | None = None
         self._begun = begun
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -50,6 +52,8 @@ class ServeProcess:
             m = _STARTED.search(line)
             if m:
                 self.port = int(m.group(1))
+                http = _HTTP_PORT.search(line)
+                self.http_port = int(http.group(1)) if http else None
                 self._started.set()
             if '"event": "ready"' in line:
                 self.ready_after = time.monotonic() - self._begun

@@ -147,7 +147,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SliceInfo(_message.Message):
-    __slots__ = ("index", "mesh_layout", "devices", "healthy", "running", "waiting", "free_pages", "total_pages", "preemptions", "routed_requests")
+    __slots__ = ("index", "mesh_layout", "devices", "healthy", "running", "waiting", "free_pages", "total_pages", "preemptions", "routed_requests", "device_info")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     MESH_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class SliceInfo(_message.Message):
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INFO_FIELD_NUMBER: _ClassVar[int]
     index: int
     mesh_layout: str
     devices: _containers.RepeatedScalarFieldContainer[str]
@@ -168,10 +169,27 @@ class SliceInfo(_message.Message):
     total_pages: int
     preemptions: int
     routed_requests: int
-    def __init__(self, index: _Optional[int] = ..., mesh_layout: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., preemptions: _Optional[int] = ..., routed_requests: _Optional[int] = ...) -> None: ...
+    device_info: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    def __init__(self, index: _Optional[int] = ..., mesh_layout: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., preemptions: _Optional[int] = ..., routed_requests: _Optional[int] = ..., device_info: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("id", "platform", "kind", "process_index", "coords", "core_on_chip")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COORDS_FIELD_NUMBER: _ClassVar[int]
+    CORE_ON_CHIP_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    platform: str
+    kind: str
+    process_index: int
+    coords: _containers.RepeatedScalarFieldContainer[int]
+    core_on_chip: int
+    def __init__(self, id: _Optional[int] = ..., platform: _Optional[str] = ..., kind: _Optional[str] = ..., process_index: _Optional[int] = ..., coords: _Optional[_Iterable[int]] = ..., core_on_chip: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "dtype", "slice_count", "slices", "max_model_len", "vocab_size", "page_size", "demo", "has_tokenizer", "bos_token_id", "eos_token_ids", "max_logprobs", "max_request_bytes", "version", "startup", "has_chat_template")
+    __slots__ = ("model_name", "architecture", "dtype", "slice_count", "slices", "max_model_len", "vocab_size", "page_size", "demo", "has_tokenizer", "bos_token_id", "eos_token_ids", "max_logprobs", "max_request_bytes", "version", "startup", "has_chat_template", "platform", "jax_version", "jaxlib_version", "collective_implementation", "process_count")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +207,11 @@ class ServerInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTUP_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    JAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JAXLIB_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     dtype: str
@@ -206,7 +229,30 @@ class ServerInfo(_message.Message):
     version: str
     startup: StartupInfo
     has_chat_template: bool
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., slice_count: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., demo: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_logprobs: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., version: _Optional[str] = ..., startup: _Optional[_Union[StartupInfo, _Mapping]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    platform: str
+    jax_version: str
+    jaxlib_version: str
+    collective_implementation: str
+    process_count: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., slice_count: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., demo: _Optional[bool] = ..., has_tokenizer: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_logprobs: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., version: _Optional[str] = ..., startup: _Optional[_Union[StartupInfo, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., platform: _Optional[str] = ..., jax_version: _Optional[str] = ..., jaxlib_version: _Optional[str] = ..., collective_implementation: _Optional[str] = ..., process_count: _Optional[int] = ...) -> None: ...
+
+class StartProfileRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopProfileRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProfileResponse(_message.Message):
+    __slots__ = ("profile_dir", "seconds", "files")
+    PROFILE_DIR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    profile_dir: str
+    seconds: float
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, profile_dir: _Optional[str] = ..., seconds: _Optional[float] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StartupInfo(_message.Message):
     __slots__ = ("ready", "load_seconds", "warmup_seconds", "other_seconds", "ready_seconds", "programs", "programs_from_cache", "compiles_after_ready")

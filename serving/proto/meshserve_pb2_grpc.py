@@ -54,6 +54,16 @@ class MeshServeStub:
                 request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.StartProfile = channel.unary_unary(
+                '/meshserve.v1.MeshServe/StartProfile',
+                request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.StartProfileRequest.SerializeToString,
+                response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ProfileResponse.FromString,
+                _registered_method=True)
+        self.StopProfile = channel.unary_unary(
+                '/meshserve.v1.MeshServe/StopProfile',
+                request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.StopProfileRequest.SerializeToString,
+                response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ProfileResponse.FromString,
+                _registered_method=True)
 
 
 class MeshServeServicer:
@@ -89,6 +99,21 @@ class MeshServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartProfile(self, request, context):
+        """On-demand jax.profiler trace (TensorBoard / Perfetto) into the server's
+        --profile-dir: FAILED_PRECONDITION without one, or when a trace is already running
+        (start) or none is (stop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopProfile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +136,16 @@ def add_MeshServeServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.GetServerInfoRequest.FromString,
                     response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ServerInfo.SerializeToString,
+            ),
+            'StartProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartProfile,
+                    request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.StartProfileRequest.FromString,
+                    response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ProfileResponse.SerializeToString,
+            ),
+            'StopProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopProfile,
+                    request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.StopProfileRequest.FromString,
+                    response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +256,60 @@ class MeshServe:
             '/meshserve.v1.MeshServe/GetServerInfo',
             meshserve_dot_serving_dot_proto_dot_meshserve__pb2.GetServerInfoRequest.SerializeToString,
             meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.MeshServe/StartProfile',
+            meshserve_dot_serving_dot_proto_dot_meshserve__pb2.StartProfileRequest.SerializeToString,
+            meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.MeshServe/StopProfile',
+            meshserve_dot_serving_dot_proto_dot_meshserve__pb2.StopProfileRequest.SerializeToString,
+            meshserve_dot_serving_dot_proto_dot_meshserve__pb2.ProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,
