@@ -46,6 +46,12 @@ class ModelLimits:
     max_logprobs: int
     max_request_bytes: int
     default_max_tokens: int
+    # Clients may only lower their priority below the default (larger numbers wait
+    # longer); an operator who trusts every caller can allow more with --min-priority.
+    min_priority: int = 0
+
+
+MAX_PRIORITY = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +153,11 @@ def prepare(request: pb.GenerateRequest, tokenizer, limits: ModelLimits,
         **kwargs,
     )
     params.validate(limits.vocab_size, limits.max_logprobs)
+    if not limits.min_priority <= request.priority <= MAX_PRIORITY:
+        raise InvalidRequestError(
+            f"priority {request.priority} is outside [{limits.min_priority}, {MAX_PRIORITY}]: "
+            "requests may wait behind others (larger values) but not jump the queue "
+            "(the server's --min-priority)")
     return PreparedRequest(request_id, prompt_ids, params, logprobs, request.priority,
                            request.cache_salt)
 

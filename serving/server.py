@@ -58,6 +58,7 @@ class ServerOptions:
     # engines' waiting queues refuse work long before this in normal operation.
     max_concurrent_rpcs: int = 4096
     default_max_tokens: int = 256
+    min_priority: int = 0  # the most urgent priority a client may ask for
     routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
     # The OpenAI-compatible HTTP API (None: off), with the same TLS, token and limits.
     http_port: int | None = None  # 0 picks a free port (see MeshServeServer.http_port)
@@ -96,6 +97,7 @@ class MeshServeServer:
             max_logprobs=engine.config.max_logprobs,
             max_request_bytes=options.max_request_bytes,
             default_max_tokens=options.default_max_tokens,
+            min_priority=options.min_priority,
         )
         self.metrics = ServingMetrics(slices)
         self.model_name = options.served_model_name or model.name

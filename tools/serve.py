@@ -58,6 +58,9 @@ def define_flags() -> None:
     # Server.
     d.DEFINE_integer("max_request_bytes", 1 << 20, "Largest request (INVALID_ARGUMENT above "
                      "it; grpc answers RESOURCE_EXHAUSTED above twice it).", lower_bound=1024)
+    d.DEFINE_integer("min_priority", 0, "The most urgent `priority` a request may ask for "
+                     "(lower runs first; the default lets clients only yield to others).",
+                     upper_bound=0)
     d.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request leaves it unset.",
                      lower_bound=1)
     d.DEFINE_integer("max_concurrent_rpcs", 4096, "Concurrent RPCs of all kinds.",
@@ -125,6 +128,7 @@ def main(argv: list[str]) -> int:
         served_model_name=f.served_model_name, profile_dir=f.profile_dir, slo=parse_slo(f.slo),
         tensorboard_dir=f.tensorboard_dir, tensorboard_interval=f.tensorboard_interval,
         max_concurrent_rpcs=f.max_concurrent_rpcs, default_max_tokens=f.default_max_tokens,
+        min_priority=f.min_priority,
         routing=RoutingConfig(cache_aware=f.cache_aware_routing,
                               balance_abs_tokens=f.routing_balance_abs_tokens,
                               balance_rel=f.routing_balance_rel,
