@@ -12,6 +12,7 @@ Dropless: every token reaches its k experts; nothing here has a capacity.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Protocol
 
@@ -81,21 +82,23 @@ def tile_rows(slots: int, experts: int) -> int:
     return min(128, max(8, 1 << (mean - 1).bit_length()))
 
 
-def grouped_experts(
-    x, expert_ids, weights, gate, up, down, first_expert=0, rows: int | None = None
-) -> jax.Array:
-    """Routing-following compute: token slots sorted by expert into tiles of `rows` rows,
-    each tile one expert's MLP, the loop running only over tiles that hold tokens — so a
-    decode step reads the selected experts' weights, not all of them. Slots routed to an
-    expert outside [first_expert, first_expert + experts) (another device's) are skipped.
-    The pure-JAX form of a grouped matmul (Megablox gmm / ragged_dot)."""
-    shape = x.shape
-    hidden = shape[-1]
-    xs = x.reshape(-1, hidden)
-    tokens, k = xs.shape[0], expert_ids.shape[-1]
-    num = gate.shape[0]
-    slots = tokens * k
-    rows = rows or tile_rows(slots, num)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """Token slots sorted by expert into tiles of `rows` rows (one expert per tile, each
+    expert's slots padded to whole tiles): the layout of a grouped matmul."""
+
+    xp: jax.Array  # [max_tiles * rows, embed] the tokens of each padded row (0 if padding)
+    src: jax.Array  # [max_tiles * rows] slot of each padded row (slots: padding)
+    tile_expert: jax.Array  # [max_tiles] local expert of each tile
+    rows_used: jax.Array  # [max_tiles] real rows in each tile
+    num_tiles: jax.Array  # scalar: tiles holding any slot (the rest are never computed)
+
+
+def plan_tiles(xs, expert_ids, num: int, first_expert, rows: int) -> TilePlan:
+    """xs [tokens, embed], expert_ids [tokens, k] global ids; experts outside
+    [first_expert, first_expert + num) (another device's) get no tile."""
+    slots = expert_ids.size
     local = expert_ids.reshape(-1) - first_expert
     key = jnp.where((local >= 0) & (local < num), local, num)  # `num`: not ours
     order = jnp.argsort(key, stable=True)
@@ -109,28 +112,53 @@ def grouped_experts(
     safe = jnp.minimum(sorted_key, num - 1)
     rank = jnp.arange(slots) - slot_start[safe]
     dest = jnp.where(sorted_key < num, tile_start[safe] * rows + rank, -1)
-    max_tiles = math.ceil(slots / rows) + num  # static bound; the loop runs tile_end[-1]
-    padded = max_tiles * rows
-    src = jnp.full((padded,), slots, jnp.int32).at[dest].set(order.astype(jnp.int32),
-                                                              mode="drop")
+    max_tiles = math.ceil(slots / rows) + num  # static bound
+    src = jnp.full((max_tiles * rows,), slots, jnp.int32).at[dest].set(
+        order.astype(jnp.int32), mode="drop")
     valid = src < slots
-    token_of = jnp.where(valid, src // k, 0)
-    xp = jnp.where(valid[:, None], xs[token_of], 0).astype(xs.dtype)
-    tile_expert = jnp.minimum(
-        jnp.searchsorted(tile_end, jnp.arange(max_tiles), side="right"), num - 1
-    )
+    k = expert_ids.shape[-1]
+    xp = jnp.where(valid[:, None], xs[jnp.where(valid, src // k, 0)], 0).astype(xs.dtype)
+    tile = jnp.arange(max_tiles)
+    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, tile, side="right"), num - 1)
+    rows_used = jnp.clip(sizes[tile_expert] - (tile - tile_start[tile_expert]) * rows, 0, rows)
+    return TilePlan(xp, src, tile_expert.astype(jnp.int32), rows_used.astype(jnp.int32),
+                    tile_end[-1])
+
+
+def combine_tiles(plan: TilePlan, yp, weights, tokens: int) -> jax.Array:
+    """Sum every real row's output, times its slot's weight, into its token ([tokens,
+    embed], f32). Padding rows are selected away, not multiplied: a kernel may leave
+    them unspecified (NaN included)."""
+    k = weights.shape[-1]
+    slots = tokens * k
+    valid = plan.src < slots
+    src = jnp.where(valid, plan.src, 0)
+    w = weights.reshape(-1)[src]
+    contrib = jnp.where(valid[:, None], yp.astype(jnp.float32) * w[:, None], 0.0)
+    return jnp.zeros((tokens, yp.shape[-1]), jnp.float32).at[src // k].add(contrib)
+
+
+def grouped_experts(
+    x, expert_ids, weights, gate, up, down, first_expert=0, rows: int | None = None
+) -> jax.Array:
+    """Routing-following compute: token slots sorted by expert into tiles of `rows` rows,
+    each tile one expert's MLP, the loop running only over tiles that hold tokens — so a
+    decode step reads the selected experts' weights, not all of them. Slots routed to an
+    expert outside [first_expert, first_expert + experts) (another device's) are skipped.
+    The pure-JAX form of a grouped matmul (Megablox gmm / ragged_dot)."""
+    shape = x.shape
+    xs = x.reshape(-1, shape[-1])
+    rows = rows or tile_rows(expert_ids.size, gate.shape[0])
+    plan = plan_tiles(xs, expert_ids, gate.shape[0], first_expert, rows)
 
     def body(j, out):
-        e = tile_expert[j]
-        xt = jax.lax.dynamic_slice_in_dim(xp, j * rows, rows)
+        e = plan.tile_expert[j]
+        xt = jax.lax.dynamic_slice_in_dim(plan.xp, j * rows, rows)
         yt = _expert_mlp(xt, gate[e], up[e], down[e])
         return jax.lax.dynamic_update_slice_in_dim(out, yt.astype(out.dtype), j * rows, 0)
 
-    yp = jax.lax.fori_loop(0, tile_end[-1], body, jnp.zeros((padded, hidden), xs.dtype))
-    w = jnp.where(valid, weights.reshape(-1)[jnp.where(valid, src, 0)], 0.0)
-    contrib = yp.astype(jnp.float32) * w[:, None]
-    out = jnp.zeros((tokens, hidden), jnp.float32).at[token_of].add(contrib)
-    return out.astype(x.dtype).reshape(shape)
+    yp = jax.lax.fori_loop(0, plan.num_tiles, body, jnp.zeros_like(plan.xp))
+    return combine_tiles(plan, yp, weights, xs.shape[0]).astype(x.dtype).reshape(shape)
 
 
 class MoEBlock(nnx.Module):
