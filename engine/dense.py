@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meshserve.engine.experts import experts_backend
 from meshserve.meshes import use_rules
 from meshserve.models.dense_attention import DenseAttention, init_dense_cache
 from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel
+from meshserve.models.moe import ExpertsFn
 
 
 def _bucket(n: int, minimum: int = 8) -> int:
@@ -35,15 +37,19 @@ class Generation:
 class DenseGenerator:
     """Prefill and token-by-token decode of one right-padded batch."""
 
-    def __init__(self, model: ShardedModel, matmul: Matmul = plain_matmul):
-        """matmul: the projection matmul `model`'s weights were placed for."""
+    def __init__(
+        self, model: ShardedModel, matmul: Matmul = plain_matmul, experts: ExpertsFn | None = None
+    ):
+        """matmul: the projection matmul `model`'s weights were placed for; experts: the
+        MoE layers' expert compute (default: expert parallel over the model's mesh)."""
         self.model = model
         self._windows = model.config.sliding_windows
+        experts = experts or experts_backend(model.rules)
 
         def forward(params, tokens, positions, cache):
             module = nnx.merge(model.graphdef, params)
             attention = DenseAttention(positions, self._windows)
-            return module(tokens, positions, cache, attention, matmul)
+            return module(tokens, positions, cache, attention, matmul, experts)
 
         self._forward = jax.jit(forward, donate_argnums=(3,))
         self._new_cache = jax.jit(

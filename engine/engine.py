@@ -27,7 +27,7 @@ from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.handle import RequestHandle
 from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
-from meshserve.engine.packing import pack_weights, packing_applies
+from meshserve.engine.packing import PACKED_EXPERTS, pack_weights, packing_applies
 from meshserve.engine.paged_attention import AttentionSpecs, init_paged_cache
 from meshserve.engine.prefix_cache import CacheEventLog, root_digest
 from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -61,9 +61,11 @@ class Engine:
     ):
         self.config = cfg = config or EngineConfig()
         self.matmul: Matmul = plain_matmul
+        experts = None  # expert parallel over the mesh (engine.experts)
         if cfg.pack_weights and packing_applies(model):
             # A copy: the caller drops its model to free the memory.
             model, self.matmul = pack_weights(model)
+            experts = PACKED_EXPERTS
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
@@ -86,7 +88,9 @@ class Engine:
         )()
         self._seen = jax.jit(lambda: jnp.zeros(stats_shape, bool), out_shardings=stats_sharding)()
         specs = AttentionSpecs.create(rules, mc, attention_impl)
-        self._fns = StepFunctions(model, specs, cfg.max_logprobs, cfg.decode_steps, self.matmul)
+        self._fns = StepFunctions(
+            model, specs, cfg.max_logprobs, cfg.decode_steps, self.matmul, experts
+        )
         self.scheduler = Scheduler(cfg, self.data_shards, self.num_pages, self.max_model_len)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meshserve.engine.experts import experts_backend
 from meshserve.engine.packing import single_cpu_device
 from meshserve.engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
 from meshserve.engine.sampler import SamplingBatch, sample
 from meshserve.meshes import ShardingRules, use_rules
 from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel
+from meshserve.models.moe import ExpertsFn
 from meshserve.pallas_kernels import row_reductions
 
 
@@ -82,9 +84,11 @@ class StepFunctions:
         num_top: int,
         decode_steps: int,
         matmul: Matmul = plain_matmul,
+        experts: ExpertsFn | None = None,
     ):
         self.model = model
         self._matmul = matmul
+        self._experts = experts or experts_backend(model.rules)
         self.rules: ShardingRules = model.rules
         self._specs = specs
         self._num_top = num_top
@@ -124,7 +128,9 @@ class StepFunctions:
             kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs, self._specs
         )
         counts, seen = _record_tokens(counts, seen, inp, tokens, first)
-        hidden, kv = module.hidden(tokens, positions, kv, attention, rope, self._matmul)
+        hidden, kv = module.hidden(
+            tokens, positions, kv, attention, rope, self._matmul, self._experts
+        )
         last = jnp.maximum(inp.cu_q_lens[:, 1:] - 1, 0)
         rows = jnp.take_along_axis(hidden, last[..., None], axis=1)
         logits = module.logits(rows, self._matmul)

@@ -78,6 +78,16 @@ class ShardingRules:
         axis = self.mapping.get(logical)
         return 1 if axis is None else self.mesh.shape[axis]
 
+    def mesh_axes(self, logical: Sequence[str]) -> tuple[str, ...]:
+        """The mesh axes (split more than one way) that the `logical` axes map to: what a
+        collective inside `shard_map` reduces or indexes over, named for the caller."""
+        out = []
+        for name in logical:
+            axis = self.mapping.get(name)
+            if axis is not None and self.mesh.shape[axis] > 1 and axis not in out:
+                out.append(axis)
+        return tuple(out)
+
     def spec(self, axes: LogicalAxes, shape: tuple[int, ...] | None = None) -> PartitionSpec:
         """PartitionSpec for `axes`; with `shape`, a dimension that does not divide its
         mesh axis (a batch of 1 on data=2, say) stays replicated."""

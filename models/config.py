@@ -14,7 +14,11 @@ SUPPORTED_ARCHITECTURES: Mapping[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+# Families whose MLPs are (some or all) sparse mixture-of-experts blocks.
+MOE_FAMILIES = frozenset({"mixtral", "qwen3_moe"})
 
 
 class UnsupportedModelError(ValueError):
@@ -54,6 +58,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = ""
+    # Mixture of experts (0 experts: a dense model). `moe_layers` lists the layers whose
+    # MLP is a sparse block; the others keep the dense MLP of `intermediate_size`.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    # Renormalise the top-k router probabilities to sum to 1 (Mixtral always does).
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -63,6 +75,11 @@ class ModelConfig:
             )
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
             raise UnsupportedModelError("sliding window list length differs from layer count")
+        if self.moe_layers and not 0 < self.experts_per_token <= self.num_experts:
+            raise UnsupportedModelError(
+                f"num_experts_per_tok={self.experts_per_token} must be in [1, "
+                f"num_experts={self.num_experts}]"
+            )
 
     @property
     def q_per_kv(self) -> int:
@@ -71,16 +88,22 @@ class ModelConfig:
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
-    def num_parameters(self) -> int:
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters; with `active`, those one token reads (its k experts only)."""
         e, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += d * (self.num_heads + 2 * self.num_kv_heads)
         if self.qk_norm:
             attn += 2 * d
-        layer = attn + 3 * e * i + 2 * e
+        experts = self.experts_per_token if active else self.num_experts
+        moe_mlp = e * self.num_experts + experts * 3 * e * self.moe_intermediate_size
+        mlps = sum(moe_mlp if self.is_moe(n) else 3 * e * i for n in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
-        return self.vocab_size * e + self.num_layers * layer + e + head
+        return self.vocab_size * e + self.num_layers * (attn + 2 * e) + mlps + e + head
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +114,7 @@ class ModelConfig:
         data["rope"] = RopeConfig(**data["rope"])
         data["sliding_windows"] = tuple(data.get("sliding_windows") or ())
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
+        data["moe_layers"] = tuple(data.get("moe_layers") or ())
         return cls(**data)
 
 
@@ -117,9 +141,9 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
 
 def _sliding_windows(hf: Mapping[str, Any], family: str, layers: int) -> tuple[int | None, ...]:
     window = hf.get("sliding_window")
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         return (int(window),) * layers if window else ()
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         if not hf.get("use_sliding_window") or not window:
             return ()
         types = hf.get("layer_types")
@@ -160,7 +184,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         int(x) for x in (eos if isinstance(eos, list) else [eos] if eos is not None else [])
     )
     qkv_bias = family == "qwen2" or bool(hf.get("attention_bias"))
-    if hf.get("attention_bias") and family in ("llama", "mistral", "qwen3"):
+    if hf.get("attention_bias") and family in ("llama", "mistral", "qwen3", *MOE_FAMILIES):
         # Our o_proj has no bias; HF adds one with attention_bias on these families.
         raise UnsupportedModelError(f"attention_bias=true is not supported for {family}")
     bos = hf.get("bos_token_id")
@@ -178,12 +202,36 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_windows=_sliding_windows(hf, family, layers),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos_ids,
         architecture=arch or "",
+        **_moe_from_hf(hf, family, layers),
     )
+
+
+def _moe_from_hf(hf: Mapping[str, Any], family: str, layers: int) -> dict[str, Any]:
+    if family not in MOE_FAMILIES:
+        return {}
+    # transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`.
+    experts = int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+    if experts <= 0:
+        raise UnsupportedModelError(f"{family}: num_experts must be positive, got {experts}")
+    if family == "mixtral":
+        return dict(num_experts=experts, experts_per_token=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
+                    moe_layers=tuple(range(layers)))
+    if hf.get("shared_expert_intermediate_size"):
+        raise UnsupportedModelError(f"{family}: shared experts are not supported")
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    dense_only = {int(n) for n in hf.get("mlp_only_layers") or ()}
+    # transformers' rule (Qwen3MoeDecoderLayer): sparse unless listed in mlp_only_layers,
+    # on every `decoder_sparse_step`-th layer counting from 1.
+    moe = tuple(n for n in range(layers) if n not in dense_only and (n + 1) % step == 0)
+    return dict(num_experts=experts, experts_per_token=int(hf["num_experts_per_tok"]),
+                moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), moe_layers=moe)
 
 
 GENERATION_CONFIG = "generation_config.json"

@@ -50,6 +50,9 @@ class WeightMapping:
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]  # ours: the (transposed) tensor reshaped to split heads out
     transpose: bool = False  # HF linear weights are [out, in]
+    # MoE: HF stores one tensor per expert; ours stacks them, this one at index `expert`
+    # (`shape` is then the shape of one slice).
+    expert: int | None = None
 
 
 def layer_item(layer: int) -> str:
@@ -80,10 +83,15 @@ def weight_mappings(cfg: ModelConfig) -> list[WeightMapping]:
             W(f"{att}.o_proj.weight", f"{ours}.attn.o_proj", (e, h * d), (h, d, e), True),
             W(f"{hf}.post_attention_layernorm.weight", f"{ours}.post_attn_norm.weight",
               (e,), (e,)),
-            W(f"{mlp}.gate_proj.weight", f"{ours}.mlp.gate_proj", (i, e), (e, i), True),
-            W(f"{mlp}.up_proj.weight", f"{ours}.mlp.up_proj", (i, e), (e, i), True),
-            W(f"{mlp}.down_proj.weight", f"{ours}.mlp.down_proj", (e, i), (i, e), True),
         ]
+        if cfg.is_moe(n):
+            out += _expert_mappings(cfg, hf, f"{ours}.mlp")
+        else:
+            out += [
+                W(f"{mlp}.gate_proj.weight", f"{ours}.mlp.gate_proj", (i, e), (e, i), True),
+                W(f"{mlp}.up_proj.weight", f"{ours}.mlp.up_proj", (i, e), (e, i), True),
+                W(f"{mlp}.down_proj.weight", f"{ours}.mlp.down_proj", (e, i), (i, e), True),
+            ]
         if cfg.qkv_bias:
             for proj, heads in (("q", h), ("k", k), ("v", k)):
                 out.append(W(f"{att}.{proj}_proj.bias", f"{ours}.attn.{proj}_bias",
@@ -96,6 +104,26 @@ def weight_mappings(cfg: ModelConfig) -> list[WeightMapping]:
     out.append(W("model.norm.weight", "final_norm.weight", (e,), (e,)))
     if not cfg.tie_word_embeddings:
         out.append(W("lm_head.weight", "lm_head", (v, e), (e, v), True))
+    return out
+
+
+def _expert_mappings(cfg: ModelConfig, hf: str, ours: str) -> list[WeightMapping]:
+    """Router and per-expert tensors of one sparse layer, under each family's HF names
+    (Mixtral: block_sparse_moe.experts.j.w1/w3/w2; Qwen3-MoE: mlp.experts.j.gate/up/down)."""
+    e, n, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    W = WeightMapping
+    if cfg.family == "mixtral":
+        block, names = f"{hf}.block_sparse_moe", ("w1", "w3", "w2")
+    else:
+        block, names = f"{hf}.mlp", ("gate_proj", "up_proj", "down_proj")
+    out = [W(f"{block}.gate.weight", f"{ours}.router", (n, e), (e, n), True)]
+    for j in range(n):
+        g, u, d = (f"{block}.experts.{j}.{name}.weight" for name in names)
+        out += [
+            W(g, f"{ours}.gate_proj", (i, e), (e, i), True, j),
+            W(u, f"{ours}.up_proj", (i, e), (e, i), True, j),
+            W(d, f"{ours}.down_proj", (e, i), (i, e), True, j),
+        ]
     return out
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from meshserve.meshes import constrain
 from meshserve.models.config import ModelConfig
+from meshserve.models.moe import ExpertsFn, MoEBlock, grouped_experts
 
 Initializer = Callable[..., jax.Array]
 
@@ -168,9 +169,13 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.attn = Attention(cfg, layer, dtype, rngs, init)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.mlp = MLP(cfg, dtype, rngs, init)
+        self.sparse = cfg.is_moe(layer)
+        self.mlp = MoEBlock(cfg, dtype, rngs, init) if self.sparse else MLP(cfg, dtype, rngs, init)
 
-    def __call__(self, x, cos, sin, cache, attention: AttentionFn, matmul: Matmul = plain_matmul):
+    def __call__(self, x, cos, sin, cache, attention: AttentionFn, matmul: Matmul = plain_matmul,
+                 experts: ExpertsFn = grouped_experts):
         h, cache = self.attn(self.input_norm(x), cos, sin, cache, attention, matmul)
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x), matmul), cache
+        normed = self.post_attn_norm(x)
+        y = self.mlp(normed, experts) if self.sparse else self.mlp(normed, matmul)
+        return x + y, cache

@@ -53,11 +53,33 @@ def layout_problems(cfg: ModelConfig, layout: MeshLayout) -> list[str]:
     kv = cfg.num_kv_heads
     if kv % t and t % kv:
         problems.append(f"kv_heads={kv} and tensor={t}: neither divides the other")
-    if cfg.intermediate_size % t:
+    dense_layers = len(cfg.moe_layers) < cfg.num_layers
+    if dense_layers and cfg.intermediate_size % t:
         problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tensor={t}")
-    if layout.expert > 1:
-        problems.append(f"expert={layout.expert}: {cfg.family} is a dense model with no experts")
+    if not cfg.moe_layers:
+        if layout.expert > 1:
+            problems.append(
+                f"expert={layout.expert}: {cfg.family} is a dense model with no experts")
+        return problems
+    if cfg.num_experts % layout.expert:
+        problems.append(f"num_experts={cfg.num_experts} is not divisible by expert={layout.expert}")
+    if cfg.moe_intermediate_size % t:
+        problems.append(
+            f"moe_intermediate_size={cfg.moe_intermediate_size} is not divisible by tensor={t}")
     return problems
+
+
+def working_layouts(cfg: ModelConfig, num_devices: int) -> list[str]:
+    """tensor × expert factorisations of `num_devices` (the rest on data) that fit `cfg`."""
+    good = []
+    for t in range(1, num_devices + 1):
+        for x in range(1, num_devices // t + 1):
+            if num_devices % (t * x) or (x > 1 and not cfg.moe_layers):
+                continue
+            layout = MeshLayout(data=num_devices // (t * x), tensor=t, expert=x)
+            if not layout_problems(cfg, layout):
+                good.append(f"tensor={t}" if x == 1 else f"tensor={t},expert={x}")
+    return good
 
 
 def check_layout(cfg: ModelConfig, layout: MeshLayout, num_devices: int) -> None:
@@ -66,14 +88,19 @@ def check_layout(cfg: ModelConfig, layout: MeshLayout, num_devices: int) -> None
     if layout.num_devices > num_devices:
         problems.append(f"layout needs {layout.num_devices} devices, {num_devices} exist")
     if problems:
-        good = [
-            t
-            for t in range(1, num_devices + 1)
-            if num_devices % t == 0 and not layout_problems(cfg, MeshLayout(tensor=t))
-        ]
+        if cfg.moe_layers:
+            good_layouts = working_layouts(cfg, num_devices)
+            hint = f"Layouts that work on {num_devices} devices: {good_layouts}"
+        else:
+            good = [
+                t
+                for t in range(1, num_devices + 1)
+                if num_devices % t == 0 and not layout_problems(cfg, MeshLayout(tensor=t))
+            ]
+            hint = f"Tensor sizes that work on {num_devices} devices: {good}"
         raise LayoutError(
             f"layout {layout.to_string()} does not fit {cfg.family}: {'; '.join(problems)}. "
-            f"Tensor sizes that work on {num_devices} devices: {good}"
+            + hint
         )
 
 
@@ -87,6 +114,8 @@ def sharding_rules(cfg: ModelConfig, mesh: Mesh) -> ShardingRules:
         "kv_channels": 2 * kv,
         "mlp": cfg.intermediate_size,
     }
+    if cfg.moe_layers:
+        dims.update(experts=cfg.num_experts, expert_mlp=cfg.moe_intermediate_size)
     return ShardingRules.create(mesh, dims)
 
 
@@ -206,7 +235,8 @@ def memory_plan(
         (None, None, "cache_seq", "kv_heads", "head_dim"),
     )
     # One step's f32 activations: logits, the MLP hidden, attention and residual streams.
-    per_token = 4 * (cfg.vocab_size + 2 * cfg.intermediate_size + 6 * cfg.hidden_size)
+    mlp = max(cfg.intermediate_size, cfg.experts_per_token * cfg.moe_intermediate_size)
+    per_token = 4 * (cfg.vocab_size + 2 * mlp + 6 * cfg.hidden_size)
     reserve = max_step_tokens * per_token + (64 << 20)
     return plan_memory(
         rules,

@@ -1,4 +1,5 @@
-"""The decoder, written once for Llama, Mistral and Qwen2/3."""
+"""The decoder, written once for Llama, Mistral, Qwen2/3 and the MoE families (Mixtral,
+Qwen3-MoE)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from meshserve.models.layers import (
     projection,
     rope_cos_sin,
 )
+from meshserve.models.moe import ExpertsFn, grouped_experts
 
 
 class Transformer(nnx.Module):
@@ -55,17 +57,19 @@ class Transformer(nnx.Module):
         attention: AttentionFn,
         rope: tuple[jax.Array, jax.Array] | None = None,
         matmul: Matmul = plain_matmul,
+        experts: ExpertsFn = grouped_experts,
     ) -> tuple[jax.Array, list[Any]]:
         """rope: `self.rope(positions)` if the caller has it already. XLA fuses cos/sin
         into every layer's RoPE and evaluates them there per head, so a decode loop that
         computes them once per step outside this function saves that work.
-        matmul: how the projections are multiplied (the caller placed their weights)."""
+        matmul: how the projections are multiplied (the caller placed their weights).
+        experts: how MoE layers run their experts (`models.moe.ExpertsFn`)."""
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
         cos, sin = self.rope(positions) if rope is None else rope
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer(x, cos, sin, layer_cache, attention, matmul)
+            x, layer_cache = layer(x, cos, sin, layer_cache, attention, matmul, experts)
             new_cache.append(layer_cache)
         return self.final_norm(x), new_cache
 
@@ -86,6 +90,7 @@ class Transformer(nnx.Module):
         return out.astype(jnp.float32)
 
     def __call__(self, tokens, positions, cache, attention: AttentionFn,
-                 matmul: Matmul = plain_matmul):
-        hidden, cache = self.hidden(tokens, positions, cache, attention, matmul=matmul)
+                 matmul: Matmul = plain_matmul, experts: ExpertsFn = grouped_experts):
+        hidden, cache = self.hidden(tokens, positions, cache, attention, matmul=matmul,
+                                    experts=experts)
         return self.logits(hidden, matmul), cache

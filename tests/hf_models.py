@@ -10,6 +10,10 @@ import functools
 import os
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Mixture-of-experts models: 8 experts, top 2. qwen3_moe: layer 0 dense (mlp_only_layers),
+# top-k weights not renormalised; qwen3_moe_norm: renormalised, every 2nd layer sparse.
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen3_moe_norm")
+_MOE = dict(num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2)
 
 _COMMON = dict(
     vocab_size=256,
@@ -51,6 +55,16 @@ def hf_config(family: str, **sizes):
         )
     if family == "qwen3":  # q/k RMSNorm and head_dim != hidden/heads
         return T.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    if family == "mixtral":  # every layer sparse, experts of intermediate_size
+        return T.MixtralConfig(**{**common, "intermediate_size": 32}, **_MOE,
+                               num_local_experts=8, sliding_window=None)
+    if family.startswith("qwen3_moe"):
+        norm = family == "qwen3_moe_norm"
+        return T.Qwen3MoeConfig(
+            **{**common, "intermediate_size": 96, "num_hidden_layers": 3}, **_MOE,
+            num_experts=8, moe_intermediate_size=32, head_dim=32, norm_topk_prob=norm,
+            decoder_sparse_step=2 if norm else 1, mlp_only_layers=[] if norm else [0],
+        )
     raise ValueError(family)
 
 
@@ -65,6 +79,9 @@ def build_model(family: str, seed: int = 0, **sizes):
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "qwen3_moe_norm": "Qwen3MoeForCausalLM",
     }[family]
     import transformers
 

@@ -117,3 +117,28 @@ def test_engine_on_packed_weights_matches_plain(checkpoint_dir, family):
         )
     for e in engines:
         assert_idle(e)
+
+
+@pytest.mark.parametrize("rows,k,n", [(8, 64, 32 * 9), (16, 40, 32 * 6)])
+def test_grouped_kernel_matches_reference_and_reads_only_used_tiles(rows, k, n):
+    rng = np.random.default_rng(rows + k)
+    experts, tiles = 4, 5
+    w = rng.standard_normal((experts, k, n), np.float32)
+    w[1] = np.nan  # an expert no used tile names: never read
+    packed = jax.vmap(pm.pack)(jnp.asarray(w))
+    x = rng.standard_normal((tiles * rows, k), np.float32)
+    tile_expert = jnp.array([0, 2, 2, 3, 1], jnp.int32)
+    # 1-4 rows (grouped panel blocks), a full tile, rows past rows_used NaN (never read);
+    # tile 4 (expert 1) is past num_tiles.
+    rows_used = jnp.array([1, rows, 3, 4, rows], jnp.int32)
+    for t, used in enumerate(np.asarray(rows_used)):
+        x[t * rows + used:(t + 1) * rows] = np.nan
+    got = jax.jit(pm.grouped_packed_matmul)(jnp.asarray(x), packed, tile_expert, rows_used,
+                                            jnp.int32(4))
+    want = pm.grouped_packed_matmul_reference(jnp.nan_to_num(jnp.asarray(x)), packed,
+                                              tile_expert, rows_used, 4)
+    row = np.arange(tiles * rows)
+    live = (row % rows < np.repeat(np.asarray(rows_used), rows)) & (row < 4 * rows)
+    assert np.isfinite(np.asarray(got)[live]).all()
+    np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live],
+                               rtol=1e-5, atol=1e-4)

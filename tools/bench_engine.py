@@ -2,6 +2,11 @@
 
     python -m meshserve.tools.bench_engine --out bench/engine.json          # the full run (~15 min)
     python -m meshserve.tools.bench_engine --quick                          # a smoke run (~1 min)
+    python -m meshserve.tools.bench_engine --model mixtral-small --batches 1,8 --contexts 128
+
+Decode of a mixture-of-experts model (--model mixtral-small) is judged against the
+roofline of its *active* parameters: the experts a step selects (k per token at batch 1;
+at batch b the expected distinct experts under uniform routing, E(1 - (1 - k/E)^b)).
 
 Decode tokens/s at several batch sizes and contexts, prefill tokens/s, the same for
 transformers `generate` on the same random weights (decode step isolated as
@@ -37,6 +42,12 @@ LLAMA_125M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                   max_position_embeddings=2048)
 QUICK_ROOFLINE = dict(gemv_bytes=64 << 20, matmul_n=1024, repeats=2)
+# 8 experts, top 2: all experts 4x the active ones, so a dense-over-all-experts
+# implementation gets about k/E of the active-parameter roofline.
+MIXTRAL_SMALL = dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=768,
+                     intermediate_size=1024, num_hidden_layers=4, num_attention_heads=12,
+                     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                     max_position_embeddings=2048, sliding_window=None)
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 
@@ -44,11 +55,19 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 def step_cost(cfg: ModelConfig, batch: int, context: int) -> tuple[float, float]:
     """Bytes read/written and FLOPs of one decode step of `batch` tokens at `context`."""
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    per_layer = e * d * (2 * h + 2 * k) + 3 * e * cfg.intermediate_size
-    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * e  # + LM head
+    # Every projection and the LM head: all parameters but the embedding and the norms,
+    # with only the experts the step reads.
+    matmul_params = cfg.num_parameters(active=True) - cfg.vocab_size * e
+    matmul_params -= (2 * cfg.num_layers + 1) * e
+    per_token = matmul_params
+    if cfg.moe_layers:
+        n, top = cfg.num_experts, cfg.experts_per_token
+        read = n * (1 - (1 - top / n) ** batch)  # expected distinct experts per layer
+        expert = 3 * e * cfg.moe_intermediate_size * len(cfg.moe_layers)
+        matmul_params += int((read - top) * expert)
     kv_token = cfg.num_layers * 2 * k * d * 4
     bytes_moved = 4 * matmul_params + batch * (context * kv_token + kv_token + 4 * e)
-    flops = 2 * batch * matmul_params + 4 * batch * context * cfg.num_layers * h * d
+    flops = 2 * batch * per_token + 4 * batch * context * cfg.num_layers * h * d
     return float(bytes_moved), float(flops)
 
 
@@ -59,11 +78,15 @@ def save_random_llama(spec: dict, out: str):
 
 
 def random_llama(spec: dict):
+    """A random transformers model of `spec` (Llama unless spec names an architecture)."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec)).eval()
+    spec = dict(spec)
+    arch = spec.pop("architecture", "LlamaForCausalLM")
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    hf = getattr(transformers, arch)(config_cls(**spec)).eval()
     hf.generation_config.eos_token_id = None
     return hf
 
@@ -210,7 +233,8 @@ def bench_config(name: str, model, hf, batches, contexts, args, probe, rng,
     if not args.skip_hf and "prefill" not in hf_rates:
         hf_rates["prefill"] = hf_prefill(hf, args.prefill_len, rng)
     theirs = hf_rates.get("prefill")
-    flops = 2 * args.prefill_len * (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size)
+    flops = 2 * args.prefill_len * (cfg.num_parameters(active=True)
+                                    - cfg.vocab_size * cfg.hidden_size)
     ideal = args.prefill_len / (flops / roof.flops)
     rows.append({"config": name, "kind": "prefill", "batch": 1, "context": args.prefill_len,
                  "ours_tok_s": ours, "hf_tok_s": theirs, "roofline_tok_s": ideal,
@@ -224,6 +248,8 @@ def bench_config(name: str, model, hf, batches, contexts, args, probe, rng,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few configs")
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="random model to run (default llama-125m; tiny with --quick)")
     p.add_argument("--configs", default="default",
                    help="engine configurations, comma-separated: default (the server's, "
                    "no flags) and/or tuned (this benchmark's own)")
@@ -240,7 +266,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    spec = TINY if args.quick else LLAMA_125M
+    spec = MODELS[args.model or ("tiny" if args.quick else "llama-125m")]
     batches = [1, 8] if args.quick else [int(x) for x in args.batches.split(",")]
     contexts = [64] if args.quick else [int(x) for x in args.contexts.split(",")]
     if args.quick:
@@ -260,6 +286,9 @@ def main() -> None:
     print_table(results)
     if args.out:
         write_json(args.out, results)
+
+
+MODELS = {"llama-125m": LLAMA_125M, "tiny": TINY, "mixtral-small": MIXTRAL_SMALL}
 
 
 def median_roofline(measured: list[roofline.Roofline]) -> roofline.Roofline:

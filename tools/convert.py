@@ -100,7 +100,12 @@ def _write(
                     tensor = st.read_transposed(m.hf_name, target)
                 else:
                     tensor = st.read(m.hf_name).astype(target, copy=False)
-                arrays[m.path] = tensor.reshape(m.shape)
+                if m.expert is None:
+                    arrays[m.path] = tensor.reshape(m.shape)
+                else:  # one expert of a stacked [experts, ...] parameter
+                    stacked = arrays.setdefault(
+                        m.path, np.empty((cfg.num_experts, *m.shape), target))
+                    stacked[m.expert] = tensor.reshape(m.shape)
                 bar.update(1)
             writer.save_item(item, arrays)
             del arrays

@@ -3,6 +3,8 @@
 from meshserve.pallas_kernels.packed_matmul.ops import (
     PANEL,
     available,
+    grouped_packed_matmul,
+    grouped_packed_matmul_reference,
     pack,
     packable,
     packed_matmul,
@@ -13,6 +15,8 @@ from meshserve.pallas_kernels.packed_matmul.ops import (
 __all__ = [
     "PANEL",
     "available",
+    "grouped_packed_matmul",
+    "grouped_packed_matmul_reference",
     "pack",
     "packable",
     "packed_matmul",

@@ -95,7 +95,67 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Mixture of experts: y[tile rows] = x[tile rows] w[tile_expert[j]] for the first
+// num_tiles[0] tiles of `rows` rows each, only rows_used[j] of them real. w is
+// [E, N / 32, K, 32]: each expert's packed weight, so a tile streams only its expert's
+// panels and a decode step reads only the selected experts. Unused tiles and rows are
+// neither read nor written (the caller ignores them).
+ffi::Error GroupedPackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> tile_expert,
+                               ffi::Buffer<ffi::S32> rows_used, ffi::Buffer<ffi::S32> num_tiles,
+                               ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const int64_t max_tiles = tile_expert.element_count();
+  if (xd.size() != 2 || wd.size() != 4 || wd[3] != kPanel || wd[2] != xd[1] ||
+      max_tiles == 0 || xd[0] % max_tiles || rows_used.element_count() != max_tiles) {
+    return ffi::Error::InvalidArgument(
+        "grouped packed matmul: want x [tiles * rows, K], w [E, N / 32, K, 32], "
+        "tile_expert and rows_used [tiles]");
+  }
+  const int64_t rows = xd[0] / max_tiles, k_dim = xd[1], experts = wd[0];
+  const int64_t panels = wd[1], n_dim = panels * kPanel, chunk = 4;
+  const int64_t chunks = (panels + chunk - 1) / chunk;
+  const int64_t used = std::clamp<int64_t>(num_tiles.typed_data()[0], 0, max_tiles);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const int32_t* te = tile_expert.typed_data();
+  const int32_t* ru = rows_used.typed_data();
+  float* yp = y->typed_data();
+  meshserve::ParallelFor(pool, used * chunks, [=](int64_t i) {
+    const int64_t j = i / chunks, first = (i % chunks) * chunk;
+    const int64_t last = std::min(panels, first + chunk);
+    const int64_t e = std::clamp<int64_t>(te[j], 0, experts - 1);
+    const int64_t m = std::clamp<int64_t>(ru[j], 0, rows);
+    const float* xt = xp + j * rows * k_dim;
+    const float* we = wp + e * panels * k_dim * kPanel;
+    float* yt = yp + j * rows * n_dim;
+    int64_t p = first;
+    if (m > 0 && m < 5) {  // few rows: several panels streamed side by side
+      const int64_t g = kGroupFor[m];
+      for (; g > 1 && p + g <= last; p += g)
+        kGroupBlocks[m](xt, we + p * k_dim * kPanel, yt + p * kPanel, 0, k_dim, n_dim);
+    }
+    for (; p < last; ++p) {
+      for (int64_t m0 = 0; m0 < m; m0 += kRows) {
+        kBlocks[std::min<int64_t>(kRows, m - m0)](xt, we + p * k_dim * kPanel,
+                                                  yt + p * kPanel, m0, k_dim, n_dim);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveGroupedPackedMatmul, GroupedPackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshservePackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()

@@ -18,7 +18,8 @@ from meshserve.pallas_kernels import cpu_build
 PANEL = 32
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cc")
 TARGET = "meshserve_packed_matmul"
-_TARGETS = {TARGET: "MeshservePackedMatmul"}
+GROUPED_TARGET = "meshserve_grouped_packed_matmul"
+_TARGETS = {TARGET: "MeshservePackedMatmul", GROUPED_TARGET: "MeshserveGroupedPackedMatmul"}
 
 
 def available() -> bool:
@@ -62,3 +63,46 @@ def packed_matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
 
 def packed_matmul_reference(x: jax.Array, packed: jax.Array) -> jax.Array:
     return jnp.dot(x, unpack(packed), precision=jax.lax.Precision.HIGHEST)
+
+
+def grouped_packed_matmul(
+    x: jax.Array,
+    packed: jax.Array,
+    tile_expert: jax.Array,
+    rows_used: jax.Array,
+    num_tiles: jax.Array,
+) -> jax.Array:
+    """Mixture-of-experts grouped matmul: x [tiles * R, K] in tiles of R rows, tile j
+    times expert tile_expert[j]'s packed weight (packed: [E, N / PANEL, K, PANEL]), for
+    the first num_tiles tiles and their first rows_used[j] rows; other rows of the
+    result are unspecified. Reads only the weights of experts some used tile names."""
+    cpu_build.load(SOURCE, _TARGETS)
+    rows_total, k = x.shape
+    experts, panels, k_w, panel = packed.shape
+    tiles = tile_expert.shape[0]
+    if (k != k_w or panel != PANEL or x.dtype != jnp.float32 or packed.dtype != jnp.float32
+            or rows_total % tiles or rows_used.shape != (tiles,)):
+        raise ValueError(
+            f"grouped packed matmul takes f32 x [tiles*R, K], w [E, N/{PANEL}, K, {PANEL}], "
+            f"tile_expert and rows_used [tiles]; got x {x.dtype}{list(x.shape)}, "
+            f"w {packed.dtype}{list(packed.shape)}, tiles {tiles}")
+    call = jax.ffi.ffi_call(
+        GROUPED_TARGET, jax.ShapeDtypeStruct((rows_total, panels * PANEL), jnp.float32),
+        vmap_method="sequential",
+    )
+    i32 = jnp.int32
+    return call(x, packed, tile_expert.astype(i32), rows_used.astype(i32),
+                jnp.reshape(num_tiles, (1,)).astype(i32))
+
+
+def grouped_packed_matmul_reference(x, packed, tile_expert, rows_used, num_tiles):
+    """Pure-JAX reference: every tile's rows times its expert's weight; rows past
+    rows_used and tiles past num_tiles are zero (the kernel leaves them unspecified)."""
+    tiles = tile_expert.shape[0]
+    rows = x.shape[0] // tiles
+    w = jax.vmap(unpack)(packed)[tile_expert]  # [tiles, K, N]
+    y = jnp.einsum("trk,tkn->trn", x.reshape(tiles, rows, -1), w,
+                   precision=jax.lax.Precision.HIGHEST)
+    live = (jnp.arange(rows)[None, :] < rows_used[:, None]) & (
+        jnp.arange(tiles)[:, None] < num_tiles)
+    return jnp.where(live[..., None], y, 0.0).reshape(x.shape[0], -1)
