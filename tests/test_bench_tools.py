@@ -72,3 +72,17 @@ def test_bench_shipped_drives_a_real_server_and_transformers(tmp_path):
                 "decode_roofline_s"):
         assert row[key] > 0, key
     assert set(report["ratios"]) == set(report["targets"]) == set(report["met"])
+
+
+def test_bench_prefix_drives_two_routed_slices(tmp_path):
+    out = tmp_path / "prefix.json"
+    _run("bench_prefix.py", "--quick", "--configs", "cache-aware", "--num-prompts", "6",
+         "--input-len", "64", "--prefix-len", "48", "--out", str(out))
+    report = json.loads(out.read_text())
+    result = report["results"]["cache-aware"]
+    assert result["completed"] == 6 and 0 < result["cache_hit_rate"] < 1
+    assert sum(result["requests_per_slice"].values()) == 6
+    metrics = result["server_metrics"]
+    assert sum(v for k, v in metrics.items()
+               if k.startswith("meshserve_routing_decisions_total")) == 6
+    assert report["configs"]["cache-aware"]["flags"][:2] == ["--slices", "2"]
