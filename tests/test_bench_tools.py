@@ -88,3 +88,17 @@ def test_accelerator_check_smoke_runs_every_part(tmp_path):
     assert [(r["batch"], r["context"]) for r in report["decode_bandwidth"]] == [(2, 64)]
     assert report["engine"]["agree"] == report["engine"]["tokens"] == 4
     assert [r["batch"] for r in report["engine_decode"]] == [1, 2]
+
+
+def test_bench_prefix_drives_two_routed_slices(tmp_path):
+    out = tmp_path / "prefix.json"
+    _run("bench_prefix.py", "--quick", "--configs", "cache-aware", "--num-prompts", "6",
+         "--input-len", "64", "--prefix-len", "48", "--out", str(out))
+    report = json.loads(out.read_text())
+    result = report["results"]["cache-aware"]
+    assert result["completed"] == 6 and 0 < result["cache_hit_rate"] < 1
+    assert sum(result["requests_per_slice"].values()) == 6
+    metrics = result["server_metrics"]
+    assert sum(v for k, v in metrics.items()
+               if k.startswith("meshserve_routing_decisions_total")) == 6
+    assert report["configs"]["cache-aware"]["flags"][:2] == ["--slices", "2"]

@@ -1,13 +1,15 @@
 """Prefix caching and cache-aware routing, measured on real `meshserve serve` processes in
 one run: the same shared-prefix workload (bench-serving's --prefix-len/--num-prefixes)
-against the cache on and off on one slice, then cache-aware and load-only routing on two.
+against the cache on and off on one slice, then cache-aware and load-only routing on two
+(with the default KV pool, and with a pool that holds about half of the prefixes).
 
     python -m meshserve.tools.bench_prefix --out docs/bench/prefix_cpu.json   # 125M Llama
     python -m meshserve.tools.bench_prefix --quick                            # a smoke run
 
 Every configuration gets the same prompts and arrival times (one seed). Reported per
 configuration: TTFT and E2E percentiles, the share of prompt tokens served from the
-prefix cache and how many requests each slice took; and the ratios the issue sets
+prefix cache, how many requests each slice took, and the server's routing decisions and
+stale hits (scraped from its /metrics); and the ratios the issue sets
 targets for (TTFT p50 cache on / off <= 0.35; cache-aware / load-only routing: lower
 TTFT p50 at a higher hit rate).
 """
@@ -124,13 +126,14 @@ def main() -> None:
             results[name] = run_config(hf_dir, configs[name][1], server_flags, a)
             s = results[name]
             print(json.dumps({"config": name, "ttft_p50_ms": s["ttft_ms"]["p50"],
+                              "request_throughput": s["request_throughput"],
                               "cache_hit_rate": s["cache_hit_rate"],
                               "requests_per_slice": s["requests_per_slice"],
                               **s["server_metrics"]}), flush=True)
     load_after = os.getloadavg()
-    print("| configuration | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | prompt tokens cached "
-          "| requests per slice | routed by cache / load | stale hits |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| configuration | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | req/s | prompt tokens "
+          "cached | requests per slice | routed by cache / load | stale hits |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, s in results.items():
         m = s["server_metrics"]
 
@@ -140,7 +143,8 @@ def main() -> None:
         by_cache = total('meshserve_routing_decisions_total{reason="cache"')
         by_load = total('meshserve_routing_decisions_total{reason="load"')
         print(f"| {configs[name][0]} | {s['ttft_ms']['p50']:.1f} | {s['ttft_ms']['p90']:.1f} | "
-              f"{s['e2e_ms']['p50']:.1f} | {s['cache_hit_rate']:.1%} | "
+              f"{s['e2e_ms']['p50']:.1f} | {s['request_throughput']:.2f} | "
+              f"{s['cache_hit_rate']:.1%} | "
               f"{' / '.join(str(v) for v in s['requests_per_slice'].values())} | "
               f"{by_cache} / {by_load} | {total('meshserve_routing_stale_hits_total')} |")
     ratios = {}
