@@ -24,6 +24,7 @@ import numpy as np
 from meshserve.engine.batching import build_inputs
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
+from meshserve.engine.experts import routing_stats
 from meshserve.engine.handle import RequestHandle
 from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
@@ -92,6 +93,9 @@ class Engine:
             model, specs, cfg.max_logprobs, cfg.decode_steps, self.matmul, experts
         )
         self.scheduler = Scheduler(cfg, self.data_shards, self.num_pages, self.max_model_len)
+        # MoE: token slots per (MoE layer, expert), summed on the host from each call's
+        # outputs (they come back with the tokens: no extra device sync).
+        self._expert_tokens = np.zeros((len(mc.moe_layers), mc.num_experts), np.int64)
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
@@ -219,6 +223,7 @@ class Engine:
             prefix_cache_queries=s.prefix_queries,
             prefix_cache_hits=s.prefix_hits,
             cached_pages=s.cached_pages(),
+            **routing_stats(self._expert_tokens, self.model.rules.axis_size("experts")),
         )
 
     def cache_events(self, capacity: int = 1 << 14) -> CacheEventLog:
@@ -411,6 +416,8 @@ class Engine:
     # -- results -----------------------------------------------------------------------
     def _apply(self, plan: StepPlan, out) -> None:
         steps = int(out.steps)
+        if out.expert_tokens is not None:
+            self._expert_tokens += np.asarray(out.expert_tokens).sum(0)
         for shard, rows in enumerate(plan.shards):
             for i, item in enumerate(rows):
                 seq = item.seq

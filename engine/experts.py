@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshserve.meshes import ShardingRules
@@ -72,3 +74,51 @@ class ExpertParallel:
 def experts_backend(rules: ShardingRules) -> ExpertsFn:
     """The expert compute for a model placed with `rules`."""
     return ExpertParallel.create(rules)
+
+
+class RoutingCounter:
+    """An `ExpertsFn` wrapper that also counts, per MoE layer, the token slots routed to
+    each expert, for real tokens only (`real` [data, tokens]: padding rows and finished
+    decode rows compute but are not traffic). Built inside one trace and read after the
+    forward pass of that trace: `counts()` is [data, moe_layers, experts] int32, kept per
+    data shard so that counting adds no collective over `data`."""
+
+    def __init__(self, inner: ExpertsFn, num_experts: int, real: jax.Array):
+        self._inner = inner
+        self._num = num_experts
+        self._real = real
+        self._layers: list[jax.Array] = []
+
+    def __call__(self, x, expert_ids, weights, gate, up, down):
+        onehot = jax.nn.one_hot(expert_ids, self._num, dtype=jnp.int32)  # [d, t, k, E]
+        real = self._real.astype(jnp.int32)[..., None, None]
+        self._layers.append(jnp.sum(onehot * real, axis=(1, 2)))
+        return self._inner(x, expert_ids, weights, gate, up, down)
+
+    def counts(self) -> jax.Array:
+        return jnp.stack(self._layers, axis=1)
+
+
+def device_tokens(counts: np.ndarray, expert_devices: int) -> np.ndarray:
+    """[layers, experts] slot counts → [layers, expert_devices]: device d holds experts
+    [d·E/X, (d+1)·E/X) (the contiguous split of the `experts` dimension)."""
+    layers, experts = counts.shape
+    return counts.reshape(layers, expert_devices, experts // expert_devices).sum(-1)
+
+
+def hotspot_ratios(counts: np.ndarray, expert_devices: int) -> np.ndarray:
+    """Per layer: the busiest expert device's slots ÷ the mean over expert devices (1 is
+    perfectly balanced, `expert_devices` is everything on one device; NaN: no tokens)."""
+    per_device = device_tokens(counts, expert_devices).astype(np.float64)
+    mean = per_device.mean(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, per_device.max(-1) / mean, np.nan)
+
+
+def routing_stats(counts: np.ndarray, expert_devices: int) -> dict:
+    """EngineStats' MoE fields from the engine's cumulative [moe_layers, experts] counts
+    (none for a dense model, whose counts have no layers)."""
+    if not counts.size:
+        return {}
+    return dict(expert_tokens=counts.copy(), expert_devices=expert_devices,
+                expert_hotspot_ratios=hotspot_ratios(counts, expert_devices))

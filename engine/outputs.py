@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
@@ -60,3 +62,13 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     cached_pages: int = 0  # pages in the prefix cache, held or not
+    # MoE models only (None / 0 for dense ones): token slots routed to each expert of each
+    # MoE layer since the engine started ([moe_layers, experts], real tokens only), over
+    # how many expert devices the experts are split, and per layer the busiest expert
+    # device's slots ÷ the mean (engine.experts.hotspot_ratios).
+    expert_tokens: np.ndarray | None = None
+    expert_devices: int = 1
+    expert_hotspot_ratios: np.ndarray | None = None
+    # Tokens an expert refused for want of capacity: always 0, the MoE layers are dropless
+    # (kept so dashboards written for capacity-factor servers read a true 0).
+    moe_dropped_tokens: int = 0

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshserve.engine.experts import experts_backend
+from meshserve.engine.experts import RoutingCounter, experts_backend
 from meshserve.engine.packing import single_cpu_device
 from meshserve.engine.paged_attention import CACHE_AXES, AttentionSpecs, PagedAttention
 from meshserve.engine.sampler import SamplingBatch, sample
@@ -57,6 +57,9 @@ class StepOutputs:
     steps: jax.Array  # scalar: iterations actually run
     last_tokens: jax.Array  # [D, S] each row's last sampled token (what a chained call feeds)
     stopped: jax.Array  # [D, S] the row met a stop id (or was padding, or started stopped)
+    # MoE models only (None otherwise, so dense programs are unchanged): token slots of
+    # real tokens routed to each expert in this call, [D, moe_layers, experts] i32.
+    expert_tokens: jax.Array | None = None
 
 
 def _record_tokens(counts, seen, inp: StepInputs, tokens, first):
@@ -102,6 +105,7 @@ class StepFunctions:
         self._mixed = jax.jit(self._mixed_impl, donate_argnums=(1, 2, 3))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
         self._zeros: dict[tuple, tuple[jax.Array, jax.Array]] = {}
+        self._num_experts = model.config.num_experts if model.config.moe_layers else 0
 
     @property
     def compiles(self) -> int:
@@ -121,15 +125,20 @@ class StepFunctions:
         kv_lens,
         gen_index,
         first,
+        real,
         rope=None,
     ):
+        """real [D, T]: the tokens that are traffic (MoE routing counts only them)."""
         module = nnx.merge(self.model.graphdef, params)
+        experts = self._experts
+        if self._num_experts:
+            experts = RoutingCounter(experts, self._num_experts, real)
         attention = PagedAttention(
             kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs, self._specs
         )
         counts, seen = _record_tokens(counts, seen, inp, tokens, first)
         hidden, kv = module.hidden(
-            tokens, positions, kv, attention, rope, self._matmul, self._experts
+            tokens, positions, kv, attention, rope, self._matmul, experts
         )
         last = jnp.maximum(inp.cu_q_lens[:, 1:] - 1, 0)
         rows = jnp.take_along_axis(hidden, last[..., None], axis=1)
@@ -143,10 +152,12 @@ class StepFunctions:
             self._num_top,
             self._argmax_log_norm,
         )
+        if self._num_experts:
+            out = (*out, self.rules.constrain(experts.counts(), ("batch", None, None)))
         return kv, counts, seen, out
 
     def _mixed_impl(self, params, kv, counts, seen, inp: StepInputs):
-        kv, counts, seen, (tok, lp, top_ids, top_lp) = self._forward_sample(
+        kv, counts, seen, (tok, lp, top_ids, top_lp, *routed) = self._forward_sample(
             params,
             kv,
             counts,
@@ -157,10 +168,12 @@ class StepFunctions:
             inp.kv_lens,
             inp.sampling.gen_index,
             True,
+            inp.token_slot < counts.shape[1],  # padding tokens have slot max_seqs
         )
         stopped = jnp.ones(tok.shape, bool)  # a mixed step is never chained on
         out = StepOutputs(
-            tok[None], lp[None], top_ids[None], top_lp[None], jnp.int32(1), tok, stopped
+            tok[None], lp[None], top_ids[None], top_lp[None], jnp.int32(1), tok, stopped,
+            *routed,
         )
         return (*self._pin_state(kv, counts, seen), self._pin_rows(out))
 
@@ -191,6 +204,7 @@ class StepFunctions:
             jnp.int32(0),
             tokens,
             ~valid | stopped_before,
+            self._no_routing(d) if self._num_experts else None,
         )
 
         module = nnx.merge(self.model.graphdef, params)
@@ -199,7 +213,7 @@ class StepFunctions:
         # model XLA would evaluate cos/sin again for every head of every layer.
         def body(carry):
             i, kv, counts, seen, tokens, kv_lens, rope, done, out = carry
-            kv, counts, seen, (tok, lp, top_ids, top_lp) = self._forward_sample(
+            kv, counts, seen, (tok, lp, top_ids, top_lp, *routed) = self._forward_sample(
                 params,
                 kv,
                 counts,
@@ -210,6 +224,7 @@ class StepFunctions:
                 kv_lens,
                 inp.sampling.gen_index + i,
                 i == 0,
+                ~done,  # finished rows rewrite their last slot: not traffic
                 rope,
             )
             stopped = jnp.any(tok[..., None] == inp.stop_ids, axis=-1)
@@ -223,6 +238,7 @@ class StepFunctions:
                 i + 1,
                 tok,
                 out.stopped | stopped,
+                out.expert_tokens + routed[0] if routed else None,
             )
             return i + 1, kv, counts, seen, tok, kv_lens, module.rope(kv_lens - 1), done, out
 
@@ -235,6 +251,11 @@ class StepFunctions:
         carry = (jnp.int32(0), kv, counts, seen, tokens, inp.kv_lens, rope, done, outputs)
         _, kv, counts, seen, _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
         return (*self._pin_state(kv, counts, seen), self._pin_rows(out))
+
+    def _no_routing(self, data: int) -> jax.Array:
+        layers = len(self.model.config.moe_layers)
+        zeros = jnp.zeros((data, layers, self._num_experts), jnp.int32)
+        return self.rules.constrain(zeros, ("batch", None, None))
 
     def _pin_state(self, kv, counts, seen):
         """Return the donated state in exactly the shardings it was created with: else

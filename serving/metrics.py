@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -60,9 +61,28 @@ class _SliceCollector:
         cached = GaugeMetricFamily("meshserve_prefix_cache_pages",
                                    "KV pages in the prefix cache (held or reclaimable).",
                                    labels=["slice"])
+        # MoE: per expert summed over layers (layers × experts labels would reach 6k series
+        # on a 48-layer, 128-expert model); the hotspot gauge is the worst layer's.
+        expert_tokens = CounterMetricFamily(
+            "meshserve_expert_tokens", "Token slots routed to each expert, summed over the "
+            "MoE layers (MoE models only).", labels=["slice", "expert"])
+        hotspot = GaugeMetricFamily(
+            "meshserve_expert_hotspot_ratio", "Busiest expert device's token slots over the "
+            "mean, worst MoE layer, since start (1 balanced; expert devices: all on one).",
+            labels=["slice"])
+        dropped = CounterMetricFamily(
+            "meshserve_moe_dropped_tokens", "Tokens dropped by expert capacity limits "
+            "(always 0: the MoE layers are dropless).", labels=["slice"])
         for s in self._slices:
             label = [str(s.index)]
             st = s.stats()
+            if st.expert_tokens is not None:
+                for e, n in enumerate(st.expert_tokens.sum(0)):
+                    expert_tokens.add_metric([label[0], str(e)], int(n))
+                ratios = st.expert_hotspot_ratios
+                if ratios is not None and not np.isnan(ratios).all():
+                    hotspot.add_metric(label, float(np.nanmax(ratios)))
+                dropped.add_metric(label, st.moe_dropped_tokens)
             running.add_metric(label, st.running)
             waiting.add_metric(label, st.waiting)
             usage.add_metric(label, 1.0 - st.free_pages / max(st.total_pages, 1))
@@ -75,7 +95,7 @@ class _SliceCollector:
             hits.add_metric(label, st.prefix_cache_hits)
             cached.add_metric(label, st.cached_pages)
         yield from (running, waiting, usage, free, healthy, preempt, routed, late, queries, hits,
-                    cached)
+                    cached, expert_tokens, hotspot, dropped)
 
 
 class ServingMetrics:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from meshserve.engine.engine import EngineConfig
@@ -226,6 +227,42 @@ def test_cli_writes_results_when_nothing_fits(checkpoint_dir, tmp_path):
     assert "not divisible by tensor=8" in reasons[0] and "no experts" in reasons[1]
     assert "does not fit" in reasons[2]
     assert saved["command"].startswith("meshserve bench-mesh")
+
+
+
+def test_moe_checkpoint_runs_an_expert_layout_and_reports_its_routing(checkpoint_dir):
+    """Mixtral (2 layers, 8 experts, top 2) on data=2,expert=4: the expert weights split
+    4 ways, one psum over `expert` per MoE layer and step (no all-to-all: docs/design.md),
+    and the routing counts of the run: every fed token k times per layer."""
+    from meshserve.engine.experts import hotspot_ratios
+    from meshserve.models.checkpoint import checkpoint_config
+
+    ckpt = checkpoint_dir("mixtral")
+    cfg = checkpoint_config(ckpt)
+    results = _run(ckpt, "data=2,expert=4")
+    (r,) = results["layouts"]
+    assert r["fits"] and r.get("error") is None and r["completed"] == WORKLOAD.num_requests
+    assert r["compiles_during_run"] == 0 and results["model"]["num_experts"] == 8
+    layers = len(cfg.moe_layers)
+    expert_bytes = layers * 3 * cfg.num_experts * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    assert r["expert_weights_bytes_per_device"] * 4 == expert_bytes
+    assert r["expert_weights_bytes_per_device"] < r["weights_bytes_per_device"]
+    steps = [c for c in r["collective_sources"] if c["where"] == "step"]
+    combine = [c for c in steps if "psum" in c["op_name"]]
+    assert [(c["kind"], c["axes"]) for c in combine] == [("all-reduce", "expert")]
+    assert combine[0]["count"] == layers
+    # One f32 hidden state per batch row of the data shard, per layer.
+    assert combine[0]["bytes"] == layers * ENGINE.max_seqs * cfg.hidden_size * 4
+    assert r["collectives_per_step"]["all-to-all"] == 0
+    fed = WORKLOAD.num_requests * (WORKLOAD.input_len + WORKLOAD.output_len - 1)
+    counts = r["expert_tokens"]
+    assert len(counts) == layers and all(sum(c) == cfg.experts_per_token * fed for c in counts)
+    assert r["expert_devices"] == 4 and r["moe_dropped_tokens"] == 0
+    ratios = hotspot_ratios(np.array(counts), 4)
+    assert r["expert_hotspot_ratio_per_layer"] == pytest.approx(ratios.tolist())
+    assert r["expert_hotspot_ratio"] == pytest.approx(ratios.max())
+    assert 1 <= r["expert_hotspot_ratio"] <= 4
+    assert "| data=2,expert=4 | 0.1 |" in format_table(results)
 
 
 HLO = """HloModule m, entry_computation_layout={()->f32[]}

@@ -5,8 +5,11 @@ Every factorisation `slices x data x tensor x expert x sequence` of the devices 
 fit are loaded once per slice, warmed up, and sent the same synthetic workload through
 the server's own router and engines (TTFT, TPOT, output tokens/s and goodput as in
 vLLM `bench serve`); the collectives of one decode step are counted in the compiled
-decode program. Writes a table, and with --out results.json / results.csv, TensorBoard
-scalars and goodput.png. `meshserve serve --layout-from DIR/results.json` serves `best`.
+decode program. A MoE checkpoint runs the expert layouts too; their rows add the expert
+weight bytes per device and the run's routing (token slots per expert per layer, the
+hotspot ratio, dropped tokens: 0). Writes a table, and with --out results.json /
+results.csv, TensorBoard scalars and goodput.png. `meshserve serve --layout-from
+DIR/results.json` serves `best`.
 
     meshserve bench-mesh --checkpoint ~/ckpt/llama --cpu-devices 8 --num-requests 32 \\
         --request-rate 4 --input-len 64 --output-len 32 --slo ttft_ms=2000,tpot_ms=200 \\
@@ -136,7 +139,9 @@ def bench(ckpt: str, layouts: list, workload, slo: dict[str, float], base_cfg, d
         "model": {"name": name, "family": cfg.family, "num_layers": cfg.num_layers,
                   "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
                   "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-                  "parameters": cfg.num_parameters(), "dtype": str(dtype)},
+                  "parameters": cfg.num_parameters(), "dtype": str(dtype),
+                  "num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
+                  "moe_layers": len(cfg.moe_layers)},
         "devices": devices, "platform": platform,
         "device_kind": jax.local_devices()[0].device_kind,
         "workload": {**dataclasses.asdict(workload),

@@ -96,6 +96,14 @@ def format_table(results: dict) -> str:
             f"{_num(r['ttft_ms_p99'])} | {_num(r['tpot_ms_p50'])} / {_num(r['tpot_ms_p99'])} | "
             f"{_num(r['output_tokens_per_s'])} | {_num(r['goodput_rps'], 2)} | {counts} | "
             f"{kib:.1f} | {mark} |")
+    moe = [r for r in results["layouts"] if measured(r) and "expert_tokens" in r]
+    if moe:  # routing balance and what expert parallelism splits, per MoE layout
+        lines += ["", "| layout | expert weights MiB/dev | hotspot ratio (worst layer) | "
+                  "dropped tokens |", "|---|---|---|---|"]
+        lines += [f"| {short_layout(r['layout'])} | "
+                  f"{_mib(r.get('expert_weights_bytes_per_device'))} | "
+                  f"{_num(r['expert_hotspot_ratio'], 2)} | {r['moe_dropped_tokens']} |"
+                  for r in moe]
     if notes:
         lines += ["", f"not measured ({len(notes)}):", *notes]
     lines += ["", results["best_message"]]

@@ -18,10 +18,17 @@ from collections.abc import Callable
 import numpy as np
 
 from meshserve.engine.engine import Engine, EngineConfig
+from meshserve.engine.experts import hotspot_ratios
 from meshserve.engine.sampling_params import SamplingParams
-from meshserve.meshes import LayoutError, MeshLayout, make_mesh, split_slices
+from meshserve.meshes import LayoutError, MeshLayout, bytes_per_device, make_mesh, split_slices
 from meshserve.models.config import ModelConfig
-from meshserve.models.loading import layout_problems, load_checkpoint, memory_plan
+from meshserve.models.loading import (
+    layout_problems,
+    load_checkpoint,
+    memory_plan,
+    param_specs,
+    sharding_rules,
+)
 from meshserve.tools.bench_mesh_hlo import decode_collectives, megatron_min_all_reduces
 from meshserve.tools.bench_mesh_report import REQUIRED_KEYS
 from meshserve.tools.bench_serving import Result, arrival_times, lengths, summarize
@@ -91,7 +98,26 @@ def plan_layout(cfg: ModelConfig, layout: MeshLayout, dtype, engine_cfg: EngineC
                capacity_bytes_per_device=plan.capacity_bytes, fits=plan.fits)
     if not plan.fits:
         row["reason"] = f"does not fit: {plan.describe()}"
+    if cfg.moe_layers:  # part of weights_bytes_per_device: what expert parallelism splits
+        rules = sharding_rules(cfg, make_mesh(layout))
+        row["expert_weights_bytes_per_device"] = sum(
+            bytes_per_device(spec, rules) for spec in param_specs(cfg, dtype)
+            if "experts" in spec.axes)
     return row
+
+
+def routing_summary(slices: list, expert_devices: int) -> dict:
+    """MoE routing over the run, all slices together: token slots per (MoE layer, expert),
+    and per layer the busiest expert device's slots ÷ the mean (docs/design.md)."""
+    stats = [s.engine.stats() for s in slices]
+    if stats[0].expert_tokens is None:
+        return {}
+    counts = sum(st.expert_tokens for st in stats)
+    ratios = hotspot_ratios(counts, expert_devices)
+    return {"expert_tokens": counts.tolist(), "expert_devices": expert_devices,
+            "expert_hotspot_ratio_per_layer": ratios.tolist(),
+            "expert_hotspot_ratio": float(np.nanmax(ratios)) if counts.any() else None,
+            "moe_dropped_tokens": sum(st.moe_dropped_tokens for st in stats)}
 
 
 class _CompileCounter:
@@ -249,6 +275,8 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
             run = asyncio.run(drive(Router(slices), workload, workload.requests(cfg.vocab_size)))
         finally:
             counter.active = False
+        # Warm-up runs only padding, which is not counted: these are the workload's.
+        routing = routing_summary(slices, layout.expert)
     finally:
         shutdown(slices)
     summary = summarize(run["results"], run["duration"], slo)
@@ -282,4 +310,5 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
         "model_parallel_axis": weight_axis,
         "model_parallel_all_reduces_per_step": model_parallel,
         "all_reduce_ratio_to_megatron": model_parallel / minimum if minimum else None,
+        **routing,
     }
