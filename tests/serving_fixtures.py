@@ -145,6 +145,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def subprocess_env() -> dict[str, str]:
+    """Environment for `meshserve` subprocesses: this run's compilation cache, so they
+    load the programs the tests already compiled."""
+    import jax
+
+    cache = jax.config.jax_compilation_cache_dir
+    return {"JAX_COMPILATION_CACHE_DIR": cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"} if cache else {}
+
+
 class ServeProcess(server_process.ServeProcess):
     """`meshserve serve` in a subprocess started from the repository root (see
     meshserve.tools.server_process)."""

@@ -4,7 +4,6 @@ question end to end."""
 
 from __future__ import annotations
 
-import jax
 import pytest
 
 from meshserve.engine.sampling_params import InvalidRequestError
@@ -21,6 +20,7 @@ from tests.serving_fixtures import (  # noqa: F401
     request,
     running_server,
     stub_for,
+    subprocess_env,
     tokens_of,
 )
 
@@ -76,16 +76,11 @@ def test_a_model_without_a_chat_template_fails_precondition(demo_model):  # noqa
         assert len(tokens_of(stub.Generate(request("Hello", max_tokens=3, ignore_eos=True)))) == 3
 
 
-def _env() -> dict[str, str]:
-    cache = jax.config.jax_compilation_cache_dir
-    return {"JAX_COMPILATION_CACHE_DIR": cache} if cache else {}
-
-
 def test_serve_without_a_model_flag_answers_a_chat_question(smollm2_ckpt):
     """`meshserve serve` with no model flag serves SmolLM2 (converted into this run's
     cache by the fixture, as a first start would); a chat question gets its answer."""
     with ServeProcess("--warmup=false", "--max-model-len", "256", "--max-seqs", "2",
-                      env=_env(), timeout=300) as server:
+                      env=subprocess_env(), timeout=300) as server:
         assert "default model SmolLM2-135M-Instruct" in server.log
         _, stub = stub_for(server.target)
         info = stub.GetServerInfo(pb.GetServerInfoRequest())

@@ -29,17 +29,12 @@ from tests.serving_fixtures import (  # noqa: F401
     request,
     running_server,
     stub_for,
+    subprocess_env,
     tokens_of,
 )
 from tests.test_serving_security import certs  # noqa: F401
 
 TOKEN = "tok-http-0123456789abcdef"
-
-
-def _env() -> dict[str, str]:
-    cache = jax.config.jax_compilation_cache_dir
-    return {"JAX_COMPILATION_CACHE_DIR": cache,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"} if cache else {}
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -58,7 +53,7 @@ def test_serve_http_port_with_openai_client_and_bench_serving(demo_ckpt, tmp_pat
     server = ServeProcess("--checkpoint", demo_ckpt, "--warmup=false", *SERVING_FLAGS,
                           "--auth-token-file", str(token), "--http-port", "0",
                           "--served-model-name", "demo", "--slo",
-                          "ttft_ms=600000,tpot_ms=600000", env=_env())
+                          "ttft_ms=600000,tpot_ms=600000", env=subprocess_env())
     try:
         assert server.http_port, server.tail()
         base = f"http://127.0.0.1:{server.http_port}"

@@ -11,7 +11,6 @@ import threading
 import time
 
 import grpc
-import jax
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.serving.proto import meshserve_pb2 as pb
@@ -23,17 +22,11 @@ from tests.serving_fixtures import (  # noqa: F401
     error_of,
     request,
     stub_for,
+    subprocess_env,
     tokens_of,
 )
 
 READY = health_pb2.HealthCheckRequest(service="meshserve.v1.MeshServe")
-
-
-def _env() -> dict[str, str]:
-    # Share the test run's compilation cache: the subprocess compiles the same programs.
-    cache = jax.config.jax_compilation_cache_dir
-    return {"JAX_COMPILATION_CACHE_DIR": cache,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"} if cache else {}
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -45,7 +38,7 @@ def test_generate_target_and_bench_serving_against_a_served_process(demo_ckpt, t
     token = tmp_path / "token"
     token.write_text("tok-0123456789abcdef\n")
     server = ServeProcess("--checkpoint", demo_ckpt, "--warmup=false", *SERVING_FLAGS,
-                          "--auth-token-file", str(token), env=_env())
+                          "--auth-token-file", str(token), env=subprocess_env())
     try:
         as_json = _cli("generate", "--target", server.target, "--auth-token-file", str(token),
                        "--prompt", "Hello mesh", "--max-tokens", "8", "--ignore-eos", "--json")
@@ -104,7 +97,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(demo_ckpt):  # noqa: F811
     """24 streams of 200 tokens in flight (8 running, 16 waiting) when SIGTERM arrives:
     all finish, new work is refused meanwhile, and the process exits 0."""
     server = ServeProcess("--checkpoint", demo_ckpt, "--warmup=false", *SERVING_FLAGS,
-                          "--grace-period", "120", env=_env())
+                          "--grace-period", "120", env=subprocess_env())
     try:
         channel, stub = stub_for(server.target)
         health = health_pb2_grpc.HealthStub(channel)
