@@ -17,11 +17,22 @@ from jax.sharding import PartitionSpec
 from meshserve.meshes import ShardingRules
 from meshserve.models.config import ModelConfig
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
+from meshserve.pallas_kernels.ragged_paged_attention.reference import (
+    merge_partials,
+    paged_attention_from_pages,
+    write_kv_pages,
+)
 
 # Pages of all data shards in one axis: shard d owns rows [d*N, (d+1)*N) and its page
 # tables hold local ids. Each device then sees exactly the [N, ...] array the kernels
 # take, and on one device nothing slices the cache (a slice or reshape inside the decode
 # loop makes XLA copy the whole cache every step).
+# Context parallelism (`kv_split` > 1, S ways): within its data shard, page p lives on
+# split device p % S at local row p // S (rows [s*N/S, (s+1)*N/S) of the shard belong to
+# device s). The allocator hands a sequence consecutive ids, so its pages go round-robin:
+# every device holds ~1/S of every sequence's KV whatever its length, and a decode step
+# reads the same amount on each. Contiguous blocks would leave short sequences on one
+# device and make that device the whole step's critical path.
 CACHE_AXES = ("cache_pages", "page_slot", "kv_channels", "head_dim")
 
 
@@ -52,6 +63,9 @@ class AttentionSpecs:
     # Kernels (custom calls GSPMD cannot partition) run per device inside shard_map; the
     # reference runs under GSPMD.
     manual: bool
+    # The mesh axis each sequence's pages are split over, and how many ways (1: none).
+    kv_axis: str | None = None
+    kv_ways: int = 1
 
     @classmethod
     def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
@@ -63,6 +77,8 @@ class AttentionSpecs:
             windows=cfg.sliding_windows,
             impl=impl,
             manual=resolve_impl(impl) != "reference",
+            kv_axis=rules.mesh_axis("kv_split"),
+            kv_ways=rules.axis_size("kv_split"),
         )
 
 
@@ -87,6 +103,15 @@ class PagedAttention:
             out, pages = attend(q[0], k[0], v[0], pages, *(m[0] for m in meta))
             return out[None], pages
 
+        if s.kv_ways > 1:
+            m = s.meta
+            return jax.shard_map(
+                functools.partial(_split_shard, window=window, axis=s.kv_axis, ways=s.kv_ways),
+                mesh=s.mesh,
+                in_specs=(s.q, s.q, s.q, s.cache, m, m, m, m),
+                out_specs=(s.q, s.cache),
+                check_vma=False,
+            )(q, k, v, cache, *meta)
         if s.mesh.size == 1:
             return one_shard(q, k, v, cache, *meta)
         if s.manual:  # kernels: each device runs its own shard's batch and kv heads
@@ -104,3 +129,27 @@ class PagedAttention:
         pages = cache.reshape(data, -1, *cache.shape[1:])
         out, pages = jax.vmap(attend)(q, k, v, pages, *meta)
         return out, pages.reshape(cache.shape)
+
+
+def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, window, axis,
+                 ways):
+    """One device of a KV split: write the tokens whose pages it owns, attend every query
+    over the keys it holds, then merge the partials of all `ways` devices exactly.
+
+    The kernels do not return a log-sum-exp yet, so this runs the pure-JAX reference on
+    each device. One all-gather per layer carries (out, lse) packed as one array."""
+    q, k, v = q[0], k[0], v[0]
+    kv_lens, table, cu_q_lens, num_seqs = kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
+    owned = table % ways == jax.lax.axis_index(axis)
+    local = table // ways
+    # Pages of other devices get an out-of-range id: kv_slot_mapping drops their writes.
+    write = jnp.where(owned, local, pages.shape[0])
+    pages = write_kv_pages(k, v, pages, kv_lens, write, cu_q_lens, num_seqs)
+    out, lse = paged_attention_from_pages(
+        q, pages, kv_lens, jnp.where(owned, local, 0), cu_q_lens, num_seqs,
+        sm_scale=None, sliding_window=window, soft_cap=None, block_q=None,
+        keys_per_block=None, page_mask=owned, return_lse=True,
+    )
+    parts = jax.lax.all_gather(jnp.concatenate([out, lse[..., None]], axis=-1), axis)
+    out = merge_partials(parts[..., :-1], parts[..., -1])
+    return out.astype(q.dtype)[None], pages
