@@ -66,6 +66,8 @@ class AttentionSpecs:
     # The mesh axis each sequence's pages are split over, and how many ways (1: none).
     kv_axis: str | None = None
     kv_ways: int = 1
+    # q/k/v/out with their token dimension split as the model's activations are ("seq").
+    q_tokens: PartitionSpec | None = None
 
     @classmethod
     def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
@@ -79,6 +81,7 @@ class AttentionSpecs:
             manual=resolve_impl(impl) != "reference",
             kv_axis=rules.mesh_axis("kv_split"),
             kv_ways=rules.axis_size("kv_split"),
+            q_tokens=rules.spec(("batch", "seq", "heads", "head_dim")),
         )
 
 
@@ -105,11 +108,17 @@ class PagedAttention:
 
         if s.kv_ways > 1:
             m = s.meta
+            # Tokens arrive split over the KV axis as the projections left them (one packed
+            # all-gather inside beats GSPMD's three), unless the bucket does not divide.
+            split = (s.q_tokens is not None and len(s.q_tokens) > 1
+                     and s.q_tokens[1] == s.kv_axis and q.shape[1] % s.kv_ways == 0)
+            qs = s.q_tokens if split else s.q
             return jax.shard_map(
-                functools.partial(_split_shard, window=window, axis=s.kv_axis, ways=s.kv_ways),
+                functools.partial(_split_shard, window=window, axis=s.kv_axis, ways=s.kv_ways,
+                                  split_tokens=split),
                 mesh=s.mesh,
-                in_specs=(s.q, s.q, s.q, s.cache, m, m, m, m),
-                out_specs=(s.q, s.cache),
+                in_specs=(qs, qs, qs, s.cache, m, m, m, m),
+                out_specs=(qs, s.cache),
                 check_vma=False,
             )(q, k, v, cache, *meta)
         if s.mesh.size == 1:
@@ -132,12 +141,19 @@ class PagedAttention:
 
 
 def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, window, axis,
-                 ways):
+                 ways, split_tokens):
     """One device of a KV split: write the tokens whose pages it owns, attend every query
     over the keys it holds, then merge the partials of all `ways` devices exactly.
 
     The kernels do not return a log-sum-exp yet, so this runs the pure-JAX reference on
-    each device. One all-gather per layer carries (out, lse) packed as one array."""
+    each device. With `split_tokens` each device holds 1/ways of the step's tokens: one
+    all-gather of q|k|v brings all of them, and one all-to-all sends each device the
+    partials (out | lse) of its own tokens, which it merges. Otherwise q/k/v arrive
+    whole and one all-gather of (out | lse) lets every device merge all tokens."""
+    if split_tokens:
+        hq, hkv = q.shape[2], k.shape[2]
+        qkv = jax.lax.all_gather(jnp.concatenate([q, k, v], axis=2), axis, axis=1, tiled=True)
+        q, k, v = qkv[:, :, :hq], qkv[:, :, hq : hq + hkv], qkv[:, :, hq + hkv :]
     q, k, v = q[0], k[0], v[0]
     kv_lens, table, cu_q_lens, num_seqs = kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
     owned = table % ways == jax.lax.axis_index(axis)
@@ -150,6 +166,11 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
         sm_scale=None, sliding_window=window, soft_cap=None, block_q=None,
         keys_per_block=None, page_mask=owned, return_lse=True,
     )
-    parts = jax.lax.all_gather(jnp.concatenate([out, lse[..., None]], axis=-1), axis)
+    packed = jnp.concatenate([out, lse[..., None]], axis=-1)
+    if split_tokens:  # [ways, T/ways, ...]: row d goes to device d, which gets its tokens
+        packed = packed.reshape(ways, -1, *packed.shape[1:])
+        parts = jax.lax.all_to_all(packed, axis, split_axis=0, concat_axis=0)
+    else:
+        parts = jax.lax.all_gather(packed, axis)
     out = merge_partials(parts[..., :-1], parts[..., -1])
     return out.astype(q.dtype)[None], pages

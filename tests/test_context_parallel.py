@@ -187,27 +187,40 @@ def test_planner_divides_per_device_kv_by_the_split():
         plan_num_pages(model1, tight, 16 * 64)
 
 
-COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|"
-                        r"reduce-scatter)(?:-start)?\(.*op_name=\"([^\"]*)\"")
+COLLECTIVE = re.compile(r" (all-gather|all-reduce|all-to-all|collective-permute|"
+                        r"reduce-scatter)(?:-start)?\(")
 
 
 def _collectives(engine: Engine, decode: bool, tokens: int, seqs: int):
-    """(result type, opcode, op_name) of every collective in the compiled program."""
+    """(opcode, HLO line) of every collective in the compiled program."""
     plan = StepPlan(decode=decode, shards=[[] for _ in range(engine.data_shards)])
     inputs = build_inputs(plan, engine.config, engine.pages_per_seq, 0, tokens, seqs)
     hlo = engine._fns.lower(engine._kv, engine._counts, engine._seen,
                             engine._put(inputs), decode).compile().as_text()
-    return [m.groups() for m in map(COLLECTIVE.search, hlo.splitlines()) if m]
+    return [(m.group(1), line) for line in hlo.splitlines() if (m := COLLECTIVE.search(line))]
 
 
-@pytest.mark.parametrize("layout", ["", "sequence=2"])
-def test_decode_merges_with_one_all_gather_per_layer(layout):
-    """The merge is one all-gather of (out | lse) per layer: [S, tokens, heads, D + 1]."""
-    engine = _engine(layout)
-    ops = _collectives(engine, True, 8, 8)
-    merges = [t for t, op, name in ops if op == "all-gather" and "shard_map" in name
-              and t.startswith(f"f32[2,8,{TINY.num_heads},{TINY.head_dim + 1}]")]
-    assert len(merges) == (TINY.num_layers if layout else 0), ops
-    if not layout:
-        assert ops == []
+def _attention_ops(ops) -> list[tuple[str, str]]:
+    """The attention's own collectives (in the shard_map), as (opcode, result type)."""
+    return [(op, re.sub(r"\{[^}]*\}", "", line.split("=", 1)[1].split(f" {op}")[0].strip()))
+            for op, line in ops if re.search(r'op_name="[^"]*shard_map/all_(gather|to_all)"',
+                                             line)]
+
+
+def test_decode_collectives_per_layer():
+    """8 rows on sequence=2 (each device holds 4 of the step's tokens): per layer one
+    all-gather of q|k|v ([1, 8, Hq + 2 Hkv, D]) and one all-to-all of the partials
+    (out | lse) of each device's tokens. 1 row (does not divide): one all-gather of the
+    partials of all tokens. One device: no collective at all."""
+    layers, h, d = TINY.num_layers, TINY.num_heads, TINY.head_dim
+    engine = _engine("sequence=2")
+    ops = _attention_ops(_collectives(engine, True, 8, 8))
+    qkv = f"f32[1,8,{h + 2 * TINY.num_kv_heads},{d}]"
+    assert sorted(ops) == sorted([("all-gather", qkv)] * layers + [
+        ("all-to-all", f"(f32[1,4,{h},{d + 1}], f32[1,4,{h},{d + 1}])")] * layers), ops
+    ops = _attention_ops(_collectives(engine, True, 1, 1))
+    assert ops == [("all-gather", f"f32[2,1,{h},{d + 1}]")] * layers, ops
+    engine.shutdown()
+    engine = _engine("")
+    assert _collectives(engine, True, 8, 8) == []
     engine.shutdown()
