@@ -21,7 +21,7 @@ from meshserve.engine.sampling_params import SamplingParams
 from meshserve.engine.scheduler import StepPlan
 from meshserve.meshes import make_mesh, parse_layout
 from meshserve.models.config import ModelConfig
-from meshserve.models.loading import init_random
+from meshserve.models.loading import init_random, memory_plan
 from meshserve.pallas_kernels.ragged_paged_attention.reference import (
     MASK_VALUE,
     merge_partials,
@@ -185,6 +185,11 @@ def test_planner_divides_per_device_kv_by_the_split():
     assert plan_num_pages(model4, tight, 16 * 64).pages == 4 * 20
     with pytest.raises(ValueError, match="lower max_model_len"):
         plan_num_pages(model1, tight, 16 * 64)
+    # the pre-load memory planner (start-up refusals) divides the KV by the split too,
+    # rounding a length that does not divide up
+    kv = {s: memory_plan(TINY, make_mesh(parse_layout(f"sequence={s}")), "float32", 1001,
+                         capacity_bytes=1 << 40).kv_bytes for s in (1, 4)}
+    assert kv[4] == kv[1] // 1001 * 1004 // 4
 
 
 COLLECTIVE = re.compile(r" (all-gather|all-reduce|all-to-all|collective-permute|"
