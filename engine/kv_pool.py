@@ -20,10 +20,13 @@ class KVPoolPlan:
     use_pages: int  # what max_seqs sequences of max_model_len tokens can ever use
     chosen_by: str  # "memory", "use" or "config" (EngineConfig.num_pages)
     page_bytes: int  # one page on one device, all layers
+    # Ways each data shard's pages are split (context parallelism): a device holds
+    # pages / kv_split of them.
+    kv_split: int = 1
 
     @property
     def bytes_per_device(self) -> int:
-        return self.pages * self.page_bytes
+        return self.pages // self.kv_split * self.page_bytes
 
     def describe(self) -> str:
         budget = "-" if self.budget_pages is None else str(self.budget_pages)
@@ -35,7 +38,11 @@ class KVPoolPlan:
 
 def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -> KVPoolPlan:
     """Pages per data shard: min(what the memory planner leaves after weights, pages for
-    `max_seqs` sequences of `max_model_len` tokens), or `cfg.num_pages` when set."""
+    `max_seqs` sequences of `max_model_len` tokens), or `cfg.num_pages` when set.
+
+    With the pages split S ways over `kv_split` each device holds 1/S of them: the memory
+    allows S times the pages (so S times the max_model_len), and the count is a multiple
+    of S so every device holds the same number."""
     mc = model.config
     per_page = (
         mc.num_layers
@@ -46,9 +53,15 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
         * jnp.dtype(model.dtype).itemsize
     ) // model.rules.axis_size("kv_heads")
     need = math.ceil(max_model_len / cfg.page_size)
-    use = cfg.max_seqs * need
+    split = model.rules.axis_size("kv_split")
+    use = math.ceil(cfg.max_seqs * need / split) * split
     if cfg.num_pages is not None:
-        return KVPoolPlan(cfg.num_pages, None, use, "config", per_page)
+        if cfg.num_pages % split:
+            raise ValueError(
+                f"num_pages={cfg.num_pages} must be a multiple of the {split} devices each "
+                f"sequence's pages are split over"
+            )
+        return KVPoolPlan(cfg.num_pages, None, use, "config", per_page, split)
     plan = memory_plan(
         model.source_config, model.rules.mesh, model.dtype, 0,
         max_step_tokens=cfg.max_step_tokens, capacity_bytes=cfg.device_memory_bytes,
@@ -58,7 +71,7 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
     ) * cfg.kv_memory_fraction
     if cfg.max_kv_memory_bytes is not None:
         budget = min(budget, cfg.max_kv_memory_bytes)
-    pages = int(budget // per_page)
+    pages = int(budget // per_page) * split
     if pages < need:
         raise ValueError(
             f"KV cache room for {pages} pages of {cfg.page_size} tokens per device, but one "
@@ -66,5 +79,5 @@ def plan_num_pages(model: ShardedModel, cfg: EngineConfig, max_model_len: int) -
             f"or use more tensor parallelism"
         )
     if use <= pages:
-        return KVPoolPlan(use, pages, use, "use", per_page)
-    return KVPoolPlan(pages, pages, use, "memory", per_page)
+        return KVPoolPlan(use, pages, use, "use", per_page, split)
+    return KVPoolPlan(pages, pages, use, "memory", per_page, split)

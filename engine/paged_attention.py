@@ -17,11 +17,22 @@ from jax.sharding import PartitionSpec
 from meshserve.meshes import ShardingRules
 from meshserve.models.config import ModelConfig
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
+from meshserve.pallas_kernels.ragged_paged_attention.reference import (
+    merge_partials,
+    paged_attention_from_pages,
+    write_kv_pages,
+)
 
 # Pages of all data shards in one axis: shard d owns rows [d*N, (d+1)*N) and its page
 # tables hold local ids. Each device then sees exactly the [N, ...] array the kernels
 # take, and on one device nothing slices the cache (a slice or reshape inside the decode
 # loop makes XLA copy the whole cache every step).
+# Context parallelism (`kv_split` > 1, S ways): within its data shard, page p lives on
+# split device p % S at local row p // S (rows [s*N/S, (s+1)*N/S) of the shard belong to
+# device s). The allocator hands a sequence consecutive ids, so its pages go round-robin:
+# every device holds ~1/S of every sequence's KV whatever its length, and a decode step
+# reads the same amount on each. Contiguous blocks would leave short sequences on one
+# device and make that device the whole step's critical path.
 CACHE_AXES = ("cache_pages", "page_slot", "kv_channels", "head_dim")
 
 
@@ -52,6 +63,11 @@ class AttentionSpecs:
     # Kernels (custom calls GSPMD cannot partition) run per device inside shard_map; the
     # reference runs under GSPMD.
     manual: bool
+    # The mesh axis each sequence's pages are split over, and how many ways (1: none).
+    kv_axis: str | None = None
+    kv_ways: int = 1
+    # q/k/v/out with their token dimension split as the model's activations are ("seq").
+    q_tokens: PartitionSpec | None = None
 
     @classmethod
     def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
@@ -63,6 +79,9 @@ class AttentionSpecs:
             windows=cfg.sliding_windows,
             impl=impl,
             manual=resolve_impl(impl) != "reference",
+            kv_axis=rules.mesh_axis("kv_split"),
+            kv_ways=rules.axis_size("kv_split"),
+            q_tokens=rules.spec(("batch", "seq", "heads", "head_dim")),
         )
 
 
@@ -87,6 +106,21 @@ class PagedAttention:
             out, pages = attend(q[0], k[0], v[0], pages, *(m[0] for m in meta))
             return out[None], pages
 
+        if s.kv_ways > 1:
+            m = s.meta
+            # Tokens arrive split over the KV axis as the projections left them (one packed
+            # all-gather inside beats GSPMD's three), unless the bucket does not divide.
+            split = (s.q_tokens is not None and len(s.q_tokens) > 1
+                     and s.q_tokens[1] == s.kv_axis and q.shape[1] % s.kv_ways == 0)
+            qs = s.q_tokens if split else s.q
+            return jax.shard_map(
+                functools.partial(_split_shard, window=window, axis=s.kv_axis, ways=s.kv_ways,
+                                  split_tokens=split),
+                mesh=s.mesh,
+                in_specs=(qs, qs, qs, s.cache, m, m, m, m),
+                out_specs=(qs, s.cache),
+                check_vma=False,
+            )(q, k, v, cache, *meta)
         if s.mesh.size == 1:
             return one_shard(q, k, v, cache, *meta)
         if s.manual:  # kernels: each device runs its own shard's batch and kv heads
@@ -104,3 +138,39 @@ class PagedAttention:
         pages = cache.reshape(data, -1, *cache.shape[1:])
         out, pages = jax.vmap(attend)(q, k, v, pages, *meta)
         return out, pages.reshape(cache.shape)
+
+
+def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, window, axis,
+                 ways, split_tokens):
+    """One device of a KV split: write the tokens whose pages it owns, attend every query
+    over the keys it holds, then merge the partials of all `ways` devices exactly.
+
+    The kernels do not return a log-sum-exp yet, so this runs the pure-JAX reference on
+    each device. With `split_tokens` each device holds 1/ways of the step's tokens: one
+    all-gather of q|k|v brings all of them, and one all-to-all sends each device the
+    partials (out | lse) of its own tokens, which it merges. Otherwise q/k/v arrive
+    whole and one all-gather of (out | lse) lets every device merge all tokens."""
+    if split_tokens:
+        hq, hkv = q.shape[2], k.shape[2]
+        qkv = jax.lax.all_gather(jnp.concatenate([q, k, v], axis=2), axis, axis=1, tiled=True)
+        q, k, v = qkv[:, :, :hq], qkv[:, :, hq : hq + hkv], qkv[:, :, hq + hkv :]
+    q, k, v = q[0], k[0], v[0]
+    kv_lens, table, cu_q_lens, num_seqs = kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
+    owned = table % ways == jax.lax.axis_index(axis)
+    local = table // ways
+    # Pages of other devices get an out-of-range id: kv_slot_mapping drops their writes.
+    write = jnp.where(owned, local, pages.shape[0])
+    pages = write_kv_pages(k, v, pages, kv_lens, write, cu_q_lens, num_seqs)
+    out, lse = paged_attention_from_pages(
+        q, pages, kv_lens, jnp.where(owned, local, 0), cu_q_lens, num_seqs,
+        sm_scale=None, sliding_window=window, soft_cap=None, block_q=None,
+        keys_per_block=None, page_mask=owned, return_lse=True,
+    )
+    packed = jnp.concatenate([out, lse[..., None]], axis=-1)
+    if split_tokens:  # [ways, T/ways, ...]: row d goes to device d, which gets its tokens
+        packed = packed.reshape(ways, -1, *packed.shape[1:])
+        parts = jax.lax.all_to_all(packed, axis, split_axis=0, concat_axis=0)
+    else:
+        parts = jax.lax.all_gather(packed, axis)
+    out = merge_partials(parts[..., :-1], parts[..., -1])
+    return out.astype(q.dtype)[None], pages

@@ -30,8 +30,10 @@ def bytes_per_device(spec: TensorSpec, rules: ShardingRules) -> int:
     ways = 1
     for dim, axis in zip(spec.shape, partition, strict=False):
         if axis is not None:
-            ways *= rules.mesh.shape[axis]
-            if dim % rules.mesh.shape[axis]:
+            split = math.prod(rules.mesh.shape[a] for a in
+                              ((axis,) if isinstance(axis, str) else axis))
+            ways *= split
+            if dim % split:
                 raise ValueError(f"dimension {dim} of {spec} does not divide {axis}")
     return math.prod(spec.shape) * spec.itemsize // ways
 

@@ -229,10 +229,13 @@ def memory_plan(
         cfg, num_kv_heads=effective_kv_heads(cfg, rules.axis_size("heads"))
     )
     itemsize = jnp.dtype(dtype).itemsize
+    # Context parallelism splits each sequence's KV over `kv_split` (rounded up to it).
+    split = rules.axis_size("kv_split")
     kv = TensorSpec(
-        (placed.num_layers, 2, kv_cache_tokens, placed.num_kv_heads, placed.head_dim),
+        (placed.num_layers, 2, -(-kv_cache_tokens // split) * split, placed.num_kv_heads,
+         placed.head_dim),
         itemsize,
-        (None, None, "cache_seq", "kv_heads", "head_dim"),
+        (None, None, "kv_split", "kv_heads", "head_dim"),
     )
     # One step's f32 activations: logits, the MLP hidden, attention and residual streams.
     mlp = max(cfg.intermediate_size, cfg.experts_per_token * cfg.moe_intermediate_size)

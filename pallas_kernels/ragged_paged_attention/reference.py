@@ -243,8 +243,16 @@ def paged_attention_from_pages(
     soft_cap: float | None,
     block_q: int | None,
     keys_per_block: int | None,
-) -> jax.Array:
-    """Causal attention of the queries over pages that already hold the step's K/V."""
+    page_mask: jax.Array | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Causal attention of the queries over pages that already hold the step's K/V.
+
+    `page_mask` ([S, P] bool): only keys in pages marked True count (a device holding some
+    of a sequence's pages attends over those). `return_lse`: also return each row's
+    log-sum-exp of its scores, [T, Hq] f32 (MASK_VALUE where a row saw no key), and the
+    output in f32, so partial attentions over disjoint key sets merge exactly
+    (`merge_partials`)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_combined, _ = kv_pages.shape
     num_kv_heads = num_combined // 2
@@ -263,6 +271,8 @@ def paged_attention_from_pages(
         page_indices = (page_indices[:, :, None] * split + jnp.arange(split)).reshape(
             max_seqs, pages_per_seq * split
         )
+        if page_mask is not None:
+            page_mask = jnp.repeat(page_mask, split, axis=1)
         num_pages, page_size, pages_per_seq = (
             kv_pages.shape[0],
             keys_per_block,
@@ -320,6 +330,8 @@ def paged_attention_from_pages(
         m, denom, acc = carry
         cols = page_lo[:, None] + j * pages_per_block + jnp.arange(pages_per_block)[None, :]
         col_ok = pair_ok[:, None] & (cols <= page_hi[:, None])
+        if page_mask is not None:
+            col_ok = col_ok & page_mask[seq[:, None], jnp.clip(cols, 0, pages_per_seq - 1)]
         ids = page_indices[seq[:, None], jnp.clip(cols, 0, pages_per_seq - 1)]
         # Columns past a pair's range re-read its first page (one its sequence owns) and are
         # masked; clamping keeps a corrupt table from indexing outside the cache.
@@ -346,8 +358,13 @@ def paged_attention_from_pages(
         pv = jnp.einsum("nhrk,nhkd->nhrd", p, vb)
         return m_new, l_new, alpha[..., None] * acc + pv
 
-    _, denom, acc = jax.lax.fori_loop(0, n_iter, body, (m0, l0, acc0))
+    m, denom, acc = jax.lax.fori_loop(0, n_iter, body, (m0, l0, acc0))
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # rows without keys are padding: 0
+    if return_lse:
+        # The lse rides as one more channel through the per-pair merge below.
+        lse = jnp.where(denom > 0.0, m + jnp.log(jnp.where(denom > 0.0, denom, 1.0)), MASK_VALUE)
+        out = jnp.concatenate([out, lse[..., None]], axis=-1)
+        head_dim += 1
     # Rows of other sequences in this block are zero (their p is 0), unless one of this
     # sequence's values is inf or NaN (0 * inf): they must not leak into those rows.
     out = jnp.where(row_ok[:, None, :, None], out, 0.0)
@@ -357,4 +374,18 @@ def paged_attention_from_pages(
     dest = jnp.where(pair_ok, blk, num_blocks)
     merged = jnp.zeros((num_blocks, block_q, num_q_heads, head_dim), jnp.float32)
     merged = merged.at[dest].add(out, mode="drop")
-    return merged.reshape(num_blocks * block_q, num_q_heads, head_dim)[:num_tokens].astype(q.dtype)
+    merged = merged.reshape(num_blocks * block_q, num_q_heads, head_dim)[:num_tokens]
+    if return_lse:
+        return merged[..., :-1], merged[..., -1]
+    return merged.astype(q.dtype)
+
+
+def merge_partials(outs: jax.Array, lses: jax.Array) -> jax.Array:
+    """Exact softmax attention from partials over disjoint key sets (flash-decoding).
+
+    outs: [K, ..., D] each part's normalised output; lses: [K, ...] its log-sum-exp
+    (MASK_VALUE where the part saw no key). out = sum_k exp(lse_k - lse) out_k with
+    lse = logsumexp_k lse_k; rows no part saw come out 0 (their outs are 0)."""
+    top = lses.max(axis=0)
+    w = jnp.exp(lses - top)  # a part with no keys gets exp(MASK - top) = 0 unless all do
+    return (w[..., None] * outs).sum(axis=0) / w.sum(axis=0)[..., None]
