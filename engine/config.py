@@ -49,6 +49,8 @@ class EngineConfig:
     # Reuse the KV of cached full pages across requests with the same prefix and salt
     # (engine/prefix_cache.py); a freed cached page stays until its memory is needed.
     prefix_caching: bool = True
+    # Page-hash events (stored, evicted) kept for routers (prefix_cache.CacheEventLog).
+    cache_event_capacity: int = 1 << 14
     # One CPU device: keep the projection weights panel-packed for the C++ matmul kernel
     # (engine/packing.py), ~2x XLA:CPU's speed at decode batch sizes.
     pack_weights: bool = True
@@ -60,6 +62,8 @@ class EngineConfig:
             raise ValueError("max_step_tokens must be >= max_seqs (one decode token each)")
         if self.decode_steps < 1:
             raise ValueError("decode_steps must be >= 1")
+        if self.cache_event_capacity < 1:
+            raise ValueError("cache_event_capacity must be >= 1")
 
     def token_buckets(self) -> tuple[int, ...]:
         return _powers_of_two(

@@ -226,13 +226,10 @@ class Engine:
             **routing_stats(self._expert_tokens, self.model.rules.axis_size("experts")),
         )
 
-    def cache_events(self, capacity: int = 1 << 14) -> CacheEventLog:
+    def cache_events(self) -> CacheEventLog | None:
         """The log of this engine's page-hash events (stored, evicted) that routers read,
-        started on the first call (pages cached before it are not in it)."""
-        with self._lock:
-            if self.scheduler.events is None:
-                self.scheduler.events = CacheEventLog(capacity)
-            return self.scheduler.events
+        kept from the engine's first page on; None with the prefix cache off."""
+        return self.scheduler.events
 
     def start(self) -> Engine:
         if self._thread is None:

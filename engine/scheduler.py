@@ -50,8 +50,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.allocators = [PageAllocator(num_pages, cfg.prefix_caching, self._event)
                            for _ in range(num_shards)]
-        # Page-hash events for routers, once one asks (Engine.cache_events).
-        self.events: CacheEventLog | None = None
+        # Page-hash events for routers, from the first page on (Engine.cache_events).
+        self.events = CacheEventLog(cfg.cache_event_capacity) if cfg.prefix_caching else None
         # Prefix-cache statistics in tokens, over first admissions (vLLM's meaning): prompt
         # tokens looked up, and those found cached.
         self.prefix_queries = 0

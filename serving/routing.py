@@ -34,23 +34,22 @@ class RoutingConfig:
     balance_abs_tokens: int = 4096
     balance_rel: float = 1.5
     load_weight: float = 0.25
-    event_log_capacity: int = 1 << 14  # page-hash events each engine keeps for the router
 
     def __post_init__(self) -> None:
         if self.balance_abs_tokens < 0 or self.balance_rel < 1 or self.load_weight < 0:
             raise ValueError("routing needs balance_abs_tokens >= 0, balance_rel >= 1 and "
                              "load_weight >= 0")
-        if self.event_log_capacity < 1:
-            raise ValueError("the routing event log needs room for at least one event")
 
 
 class PrefixIndex:
     """Which page digests one slice's engine holds in its prefix cache (a page cached in
     several data shards counts once per shard), kept up to date from its event log."""
 
-    def __init__(self, engine, capacity: int):
+    def __init__(self, engine):
         self.engine = engine
-        self._log = engine.cache_events(capacity)
+        self._log = engine.cache_events()
+        if self._log is None:
+            raise ValueError("the engine keeps no prefix cache to index")
         self._cursor = 0
         self._counts: dict[bytes, int] = {}
 

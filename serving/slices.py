@@ -177,7 +177,7 @@ class Router:
         self.cache_aware = (self.config.cache_aware and len(self.slices) > 1
                             and all(s.engine.config.prefix_caching for s in self.slices))
         with self._lock:
-            for s in self.slices:  # start the event logs before any request
+            for s in self.slices:  # read what the engines cached before this router
                 self._index(s)
 
     def healthy(self) -> list[Slice]:
@@ -193,7 +193,7 @@ class Router:
             self._indexes.pop(s.index, None)
             return None
         if index is None or index.engine is not s.engine:
-            index = self._indexes[s.index] = PrefixIndex(s.engine, self.config.event_log_capacity)
+            index = self._indexes[s.index] = PrefixIndex(s.engine)
         index.update()
         return index
 
