@@ -201,7 +201,6 @@ async def _one(router, index: int, prompt: list[int], out_len: int) -> Result:
     result = Result(input_len=len(prompt))
     cost = len(prompt) + out_len  # what the server's router balances (prompt + max_tokens)
     params = SamplingParams(max_tokens=out_len, ignore_eos=True)
-    start = last = time.perf_counter()
     try:
         routed = router.submit(prompt, params, f"bench-{index}", cost)
         chosen, handle = routed.slice, routed.handle
@@ -212,16 +211,10 @@ async def _one(router, index: int, prompt: list[int], out_len: int) -> Result:
         async for chunk in handle.stream():
             n = len(chunk.token_ids)
             if n:
-                now = time.perf_counter()
-                if result.ttft is None:
-                    result.ttft = now - start
-                else:
-                    result.itl.extend([(now - last) / n] * n)
-                last = now
-                result.output_len += n
+                result.arrived(n)
             if chunk.error:
                 result.error = "engine error"
-        result.e2e = time.perf_counter() - start
+        result.e2e = time.perf_counter() - result.start
         if result.ttft is None and result.error is None:
             result.error = "no tokens"
     finally:

@@ -135,6 +135,19 @@ class Result:
     error: str | None = None
     cached_tokens: int = 0
     slice: int | None = None
+    start: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
+    last: float | None = dataclasses.field(default=None, repr=False)
+
+    def arrived(self, n: int) -> None:
+        """`n` output tokens came in one message: the first sets TTFT, later ones add
+        their share of the gap since the previous message to the inter-token latencies."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.start
+        else:
+            self.itl.extend([(now - self.last) / n] * n)
+        self.last = now
+        self.output_len += n
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -200,23 +213,16 @@ async def _one(stub, pb, prompt: list[int], out_len: int, metadata, timeout: flo
 
     result = Result(input_len=len(prompt))
     request = pb.GenerateRequest(token_ids=prompt, max_tokens=out_len, ignore_eos=True)
-    start = last = time.perf_counter()
     try:
         async for response in stub.Generate(request, metadata=metadata, timeout=timeout):
             n = len(response.token_ids)
             if not n:
                 continue
-            now = time.perf_counter()
-            if result.ttft is None:
-                result.ttft = now - start
-            else:
-                result.itl.extend([(now - last) / n] * n)
-            last = now
-            result.output_len += n
+            result.arrived(n)
             if response.finish_reason:
                 result.cached_tokens = response.usage.cached_tokens
                 result.slice = response.slice
-        result.e2e = time.perf_counter() - start
+        result.e2e = time.perf_counter() - result.start
         if result.ttft is None:
             result.error = "no tokens"
     except grpc.aio.AioRpcError as e:
@@ -233,7 +239,6 @@ async def _one_openai(session, url: str, model: str, prompt: list[int], out_len:
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "return_token_ids": True}
-    start = last = time.perf_counter()
     reported = None
     try:
         async with session.post(url, json=body, headers=headers,
@@ -257,16 +262,9 @@ async def _one_openai(session, url: str, model: str, prompt: list[int], out_len:
                 for choice in obj.get("choices") or ():
                     ids = choice.get("token_ids")
                     n = len(ids) if ids is not None else (1 if choice.get("text") else 0)
-                    if not n:
-                        continue
-                    now = time.perf_counter()
-                    if result.ttft is None:
-                        result.ttft = now - start
-                    else:
-                        result.itl.extend([(now - last) / n] * n)
-                    last = now
-                    result.output_len += n
-        result.e2e = time.perf_counter() - start
+                    if n:
+                        result.arrived(n)
+        result.e2e = time.perf_counter() - result.start
         if reported is not None:
             result.output_len = int(reported)
         if result.ttft is None:
