@@ -17,11 +17,7 @@ from jax.sharding import PartitionSpec
 from meshserve.meshes import ShardingRules
 from meshserve.models.config import ModelConfig
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
-from meshserve.pallas_kernels.ragged_paged_attention.reference import (
-    merge_partials,
-    paged_attention_from_pages,
-    write_kv_pages,
-)
+from meshserve.pallas_kernels.ragged_paged_attention.reference import merge_partials
 
 # Pages of all data shards in one axis: shard d owns rows [d*N, (d+1)*N) and its page
 # tables hold local ids. Each device then sees exactly the [N, ...] array the kernels
@@ -115,7 +111,7 @@ class PagedAttention:
             qs = s.q_tokens if split else s.q
             return jax.shard_map(
                 functools.partial(_split_shard, window=window, axis=s.kv_axis, ways=s.kv_ways,
-                                  split_tokens=split),
+                                  split_tokens=split, impl=s.impl),
                 mesh=s.mesh,
                 in_specs=(qs, qs, qs, s.cache, m, m, m, m),
                 out_specs=(qs, s.cache),
@@ -141,15 +137,16 @@ class PagedAttention:
 
 
 def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, window, axis,
-                 ways, split_tokens):
+                 ways, split_tokens, impl):
     """One device of a KV split: write the tokens whose pages it owns, attend every query
     over the keys it holds, then merge the partials of all `ways` devices exactly.
 
-    The kernels do not return a log-sum-exp yet, so this runs the pure-JAX reference on
-    each device. With `split_tokens` each device holds 1/ways of the step's tokens: one
-    all-gather of q|k|v brings all of them, and one all-to-all sends each device the
-    partials (out | lse) of its own tokens, which it merges. Otherwise q/k/v arrive
-    whole and one all-gather of (out | lse) lets every device merge all tokens."""
+    The selected kernel's page-mask + log-sum-exp path does the local part (the C++ CPU
+    kernel has none: "cpu" runs the reference there). With `split_tokens` each device
+    holds 1/ways of the step's tokens: one all-gather of q|k|v brings all of them, and one
+    all-to-all sends each device the partials (out | lse) of its own tokens, which it
+    merges. Otherwise q/k/v arrive whole and one all-gather of (out | lse) lets every
+    device merge all tokens."""
     if split_tokens:
         hq, hkv = q.shape[2], k.shape[2]
         qkv = jax.lax.all_gather(jnp.concatenate([q, k, v], axis=2), axis, axis=1, tiled=True)
@@ -157,14 +154,10 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
     q, k, v = q[0], k[0], v[0]
     kv_lens, table, cu_q_lens, num_seqs = kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
     owned = table % ways == jax.lax.axis_index(axis)
-    local = table // ways
-    # Pages of other devices get an out-of-range id: kv_slot_mapping drops their writes.
-    write = jnp.where(owned, local, pages.shape[0])
-    pages = write_kv_pages(k, v, pages, kv_lens, write, cu_q_lens, num_seqs)
-    out, lse = paged_attention_from_pages(
-        q, pages, kv_lens, jnp.where(owned, local, 0), cu_q_lens, num_seqs,
-        sm_scale=None, sliding_window=window, soft_cap=None, block_q=None,
-        keys_per_block=None, page_mask=owned, return_lse=True,
+    # Owned entries hold local rows; the kernels never read (or write through) the others.
+    out, lse, pages = ragged_paged_attention(
+        q, k, v, pages, kv_lens, table // ways, cu_q_lens, num_seqs, sliding_window=window,
+        impl=impl, page_mask=owned, return_lse=True,
     )
     packed = jnp.concatenate([out, lse[..., None]], axis=-1)
     if split_tokens:  # [ways, T/ways, ...]: row d goes to device d, which gets its tokens

@@ -17,6 +17,7 @@ from meshserve.pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_reference,
 )
 from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from tests.rpa_partials import check_partials
 
 F32_ATOL = 1e-5
 BF16_ATOL = 2e-2
@@ -155,6 +156,35 @@ def test_dispatch_runs_gpu_kernel_in_interpret_mode():
     check_against_reference(batch, out, pages, F32_ATOL, soft_cap=7.0)
 
 
+# Context parallelism: page p of the table on part p % ways; each case has sequences with
+# fewer pages than parts (a "no contribution" partial for some rows).
+SPLIT_CASES = [("mixed_gqa8_ps16", 3), ("window_mixed_gqa4_ps16", 2),
+               ("decode_gqa8_ps32_default_blocks", 4)]
+
+
+@pytest.mark.parametrize("name,ways", SPLIT_CASES)
+def test_gpu_kernel_page_mask_partials_merge_to_the_reference(name, ways):
+    *_, options, blocks = CASES[name]
+    batch = make_batch(name, seed=5)
+
+    def run(page_mask):
+        return ragged_paged_attention_gpu(*batch.args(), interpret=True, page_mask=page_mask,
+                                          return_lse=True, **options, **blocks)
+
+    check_partials(batch, run, F32_ATOL, ways, **options)
+
+
+def test_dispatch_runs_gpu_kernel_lse_path_bf16():
+    *_, options, blocks = CASES["softcap_mixed_gqa1_ps32"]
+    batch = make_batch("softcap_mixed_gqa1_ps32", dtype=jnp.bfloat16, seed=6)
+
+    def run(page_mask):
+        return ragged_paged_attention(*batch.args(), impl="gpu-interpret", gpu_options=blocks,
+                                      page_mask=page_mask, return_lse=True, **options)
+
+    check_partials(batch, run, BF16_ATOL, 2, **options)
+
+
 def test_gpu_kernel_lowers_to_triton():
     # Pallas -> Triton IR lowering only; compiling that IR needs a GPU.
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -170,10 +200,11 @@ def test_gpu_kernel_lowers_to_triton():
                 pages_per_seq=16,
                 dtype=dtype,
             )
-            lowered = ragged_paged_attention_gpu.trace(
-                *batch.args(), sliding_window=64, soft_cap=30.0
-            ).lower(lowering_platforms=("cuda",))
-            assert "triton" in lowered.as_text()
+            for lse in (False, True):  # the context-parallel path too
+                lowered = ragged_paged_attention_gpu.trace(
+                    *batch.args(), sliding_window=64, soft_cap=30.0, return_lse=lse
+                ).lower(lowering_platforms=("cuda",))
+                assert "triton" in lowered.as_text()
 
 
 def test_gpu_kernel_refuses_shapes_triton_cannot_tile():

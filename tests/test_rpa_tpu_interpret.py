@@ -22,6 +22,7 @@ from meshserve.pallas_kernels.ragged_paged_attention import (
     vmem_footprint,
 )
 from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from tests.rpa_partials import check_partials
 
 F32_ATOL = 1e-5
 BF16_ATOL = 2e-2
@@ -222,10 +223,11 @@ def test_tpu_kernel_lowers_to_mosaic():
             pages_per_seq=16,
             dtype=dtype,
         )
-        lowered = ragged_paged_attention_tpu.trace(
-            *batch.args(), sliding_window=64, soft_cap=30.0
-        ).lower(lowering_platforms=("tpu",))
-        assert "tpu_custom_call" in lowered.as_text()
+        for lse in (False, True):  # the context-parallel path too
+            lowered = ragged_paged_attention_tpu.trace(
+                *batch.args(), sliding_window=64, soft_cap=30.0, return_lse=lse
+            ).lower(lowering_platforms=("tpu",))
+            assert "tpu_custom_call" in lowered.as_text()
 
 
 def test_block_sizes_shrink_to_fit_vmem_and_refuse_explicit_overflow():
@@ -267,3 +269,35 @@ def test_block_sizes_shrink_to_fit_vmem_and_refuse_explicit_overflow():
         choose_block_sizes(**shape, vmem_limit_bytes=64 << 10)
     with pytest.raises(ValueError, match="num_kv_heads_per_block"):
         choose_block_sizes(**shape, num_kv_heads_per_block=3)
+
+
+# Context parallelism: page p of the table on part p % ways. "mixed" has 1-page sequences,
+# so with 3 ways some parts hold none of a sequence's pages (a "no contribution" partial).
+SPLIT_CASES = [("mixed_gqa8_ps16", 3), ("window_mixed_gqa4_ps16", 2), ("decode_gqa4_ps16", 4)]
+
+
+@pytest.mark.parametrize("name,ways", SPLIT_CASES)
+def test_tpu_kernel_page_mask_partials_merge_to_the_reference(name, ways):
+    *_, options, blocks = CASES[name]
+    batch = make_batch(name, seed=5)
+
+    def run(page_mask):
+        return ragged_paged_attention_tpu(*batch.args(), interpret=pltpu.InterpretParams(),
+                                          page_mask=page_mask, return_lse=True, **options,
+                                          **blocks)
+
+    check_partials(batch, run, F32_ATOL, ways, **options)
+
+
+def test_dispatch_runs_tpu_kernel_lse_path_bf16():
+    *_, options, blocks = CASES["chunked_gqa4_ps32"]
+    batch = make_batch("chunked_gqa4_ps32", dtype=jnp.bfloat16, seed=6)
+
+    def run(page_mask):
+        return ragged_paged_attention(*batch.args(), impl="tpu-interpret", tpu_options=blocks,
+                                      page_mask=page_mask, return_lse=True, **options)
+
+    check_partials(batch, run, BF16_ATOL, 2, **options)
+    with pytest.raises(ValueError, match="needs return_lse"):
+        ragged_paged_attention(*batch.args(), impl="tpu-interpret",
+                               page_mask=batch.args()[5] >= 0)

@@ -84,7 +84,9 @@ def ragged_paged_attention(
     debug: bool | None = None,
     tpu_options: Mapping[str, Any] | None = None,
     gpu_options: Mapping[str, Any] | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    page_mask: jax.Array | None = None,
+    return_lse: bool = False,
+) -> tuple[jax.Array, ...]:
     """Writes the step's new K/V into the paged cache, then runs causal ragged attention.
 
     Args:
@@ -109,9 +111,18 @@ def ragged_paged_attention(
       debug: validate the runtime metadata on the host (default from
         $MESHSERVE_ATTENTION_DEBUG); costs a device->host sync.
       tpu_options / gpu_options: block-size overrides forwarded to the chosen kernel.
+      page_mask: bool[max_seqs, pages_per_seq], only with return_lse: the pages this device
+        holds (context parallelism). Tokens on other pages write nothing, and only keys on
+        held pages are attended; other entries of page_indices are never read.
+      return_lse: also return each row's log-sum-exp so that partials over disjoint pages
+        merge exactly (``reference.merge_partials``).
 
     Returns:
-      (out [T, num_q_heads, head_dim] in q.dtype with zero padding rows, updated kv_pages).
+      (out [T, num_q_heads, head_dim] in q.dtype with zero padding rows, updated kv_pages);
+      with return_lse (out in float32, lse float32[T, num_q_heads], kv_pages), where a row
+      that saw no key (no held page in its range, or padding) has out 0 and lse MASK_VALUE
+      (finite, so a merge never computes inf - inf; merge_partials gives it weight 0).
+      The C++ CPU kernel has no such path: impl "cpu" runs the reference for it.
     """
     validation.validate_static(
         q,
@@ -131,7 +142,8 @@ def ragged_paged_attention(
     which = resolve_impl(impl)
     if which in INTERPRETED:
         which, interpret = INTERPRETED[which], interpret or True
-    if which == "cpu" and impl in (None, "auto") and not cpu_kernel.supports(q, kv_pages):
+    if which == "cpu" and (return_lse or (impl in (None, "auto")
+                                          and not cpu_kernel.supports(q, kv_pages))):
         which = "reference"
     backend = jax.default_backend()
     if which in _BACKEND_OF_IMPL and not interpret and backend not in _BACKEND_OF_IMPL[which]:
@@ -142,6 +154,11 @@ def ragged_paged_attention(
         )
     args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if return_lse:
+        common.update(page_mask=page_mask, return_lse=True)
+    elif page_mask is not None:
+        raise ValueError("page_mask needs return_lse=True: a partial without its "
+                         "log-sum-exp cannot be merged")
     if which == "tpu":
         return tpu_kernel.ragged_paged_attention_tpu(
             *args, **common, interpret=interpret, **dict(tpu_options or {})

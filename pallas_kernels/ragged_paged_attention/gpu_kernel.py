@@ -89,16 +89,30 @@ def _check_triton_shapes(rows: int, keys: int, pages: int, page_size: int, head_
         )
 
 
-def _kernel(
+def _kernel(*refs, split: bool, **options):
+    """Unpacks the refs; `split` (a page mask given): the local page lists ride after the
+    page table and the log-sum-exp is a second output."""
+    if split:
+        *meta, cols_ref, before_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    else:
+        *meta, q_ref, k_ref, v_ref, o_ref = refs
+        cols_ref = before_ref = lse_ref = None
+    _attend(*meta, q_ref, k_ref, v_ref, o_ref, cols_ref, before_ref, lse_ref, **options)
+
+
+def _attend(
     pair_seq_ref,  # [NP] sequence of each pair, -1 for unused entries
     pair_blk_ref,  # [NP] query block of each pair
     kv_lens_ref,  # [S]
     cu_q_lens_ref,  # [S + 1]
-    page_indices_ref,  # [S, P]
+    page_indices_ref,  # [S, P] page table, or with a mask the owned pages (LocalPages.pages)
     q_ref,  # [T_pad * G, D] rows of this kv head
     k_ref,  # [N, page_size, D] K channel of this kv head
     v_ref,  # [N, page_size, D] V channel of this kv head
     o_ref,  # [T_pad * G, D]
+    cols_ref,  # None, or [S, P] page-table column of each owned page (LocalPages.cols)
+    before_ref,  # None, or [S, P + 1] owned pages before each column (LocalPages.before)
+    lse_ref,  # None, or [T_pad * G] log-sum-exp of each row
     *,
     block_q: int,
     group: int,
@@ -129,10 +143,17 @@ def _kernel(
     last_col = page_indices_ref.shape[1] - 1
     page_lo = jnp.minimum(page_lo, last_col)  # only matters for corrupt inputs: stay in bounds
     page_hi = jnp.minimum(lax.div(jnp.maximum(qpos_hi, 0), page_size), last_col)
+    if cols_ref is None:
+        # Walk page-table columns [page_lo, page_hi].
+        list_lo, list_end = page_lo, page_hi + 1
+    else:
+        # Walk the owned pages whose columns are in [page_lo, page_hi]: a slice of the list.
+        list_lo, list_end = before_ref[seq, page_lo], before_ref[seq, page_hi + 1]
     num_kv_blocks = jnp.where(
-        valid, lax.div(page_hi - page_lo + pages_per_block, pages_per_block), 0
+        valid, lax.div(list_end - list_lo + pages_per_block - 1, pages_per_block), 0
     )
-    first_page = page_indices_ref[seq, page_lo]
+    first_page = page_indices_ref[seq, page_lo if cols_ref is None else
+                                  jnp.minimum(list_lo, last_col)]
 
     row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group)
     row_ok = valid & (row_tok >= row_lo) & (row_tok < row_hi)
@@ -141,15 +162,24 @@ def _kernel(
 
     def body(j, carry):
         m, denom, acc = carry
-        col0 = page_lo + j * pages_per_block
+        col0 = list_lo + j * pages_per_block
         cols = col0 + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
-        col_ok = cols <= page_hi
+        col_ok = cols < list_end
         ids = plt.load(page_indices_ref.at[seq, pl.ds(col0, pages_per_block)], mask=col_ok, other=0)
         # Clamped so a corrupt table cannot fault (validate_dynamic reports it in debug mode).
         ids = jnp.clip(jnp.where(col_ok, ids, first_page), 0, k_ref.shape[0] - 1)
         k = k_ref[ids].reshape(keys, head_dim)
         v = v_ref[ids].reshape(keys, head_dim)
-        kpos = col0 * page_size + lax.broadcasted_iota(jnp.int32, (keys,), 0)
+        if cols_ref is None:
+            kpos = col0 * page_size + lax.broadcasted_iota(jnp.int32, (keys,), 0)
+        else:
+            # Owned pages are not adjacent: each page's keys start at its own column. Slots
+            # past the list get a column past every query, so every test below masks them.
+            page_cols = plt.load(cols_ref.at[seq, pl.ds(col0, pages_per_block)], mask=col_ok,
+                                 other=reference.LOCAL_COL_PAD)
+            page_cols = jnp.where(col_ok, page_cols, reference.LOCAL_COL_PAD)
+            slot = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
+            kpos = (page_cols[:, None] * page_size + slot).reshape(keys)
         # Keys past the pair's last query are masked for every row; zero V so stale NaNs in
         # partially written pages cannot leak through 0 * NaN.
         v = jnp.where((kpos <= qpos_hi)[:, None], v, jnp.zeros_like(v))
@@ -175,11 +205,15 @@ def _kernel(
     m0 = jnp.full((rows,), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((rows,), jnp.float32)
     acc0 = jnp.zeros((rows, head_dim), jnp.float32)
-    _, denom, acc = lax.fori_loop(0, num_kv_blocks, body, (m0, l0, acc0))
+    m, denom, acc = lax.fori_loop(0, num_kv_blocks, body, (m0, l0, acc0))
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[:, None]
     plt.store(
         o_ref.at[pl.ds(first_tok * group, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None]
     )
+    if lse_ref is not None:
+        # No key seen (no owned page in range): MASK_VALUE, which merge_partials weighs 0.
+        lse = jnp.where(denom > 0.0, m + jnp.log(jnp.where(denom > 0.0, denom, 1.0)), MASK_VALUE)
+        plt.store(lse_ref.at[pl.ds(first_tok * group, rows)], lse, mask=row_ok)
 
 
 @functools.partial(
@@ -193,6 +227,7 @@ def _kernel(
         "num_warps",
         "num_stages",
         "interpret",
+        "return_lse",
     ),
 )
 def ragged_paged_attention_gpu(
@@ -213,11 +248,17 @@ def ragged_paged_attention_gpu(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """GPU ragged paged attention; contract of ``dispatch.ragged_paged_attention``."""
+    page_mask: jax.Array | None = None,
+    return_lse: bool = False,
+) -> tuple[jax.Array, ...]:
+    """GPU ragged paged attention; contract of ``dispatch.ragged_paged_attention``.
+
+    With ``page_mask`` the kernel walks each sequence's owned pages as a compacted list
+    (``reference.local_page_lists``), so unowned pages are never read."""
     args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     validation.validate_static(*args, **options)  # trace time only
+    page_mask = validation.lse_page_mask(page_mask, page_indices, return_lse)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
     num_kv_heads = num_combined // 2
@@ -238,7 +279,11 @@ def ragged_paged_attention_gpu(
     if not interpret:
         _check_triton_shapes(rows, bp * page_size, bp, page_size, head_dim)
 
-    kv_pages = reference.write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    split = page_mask is not None
+    num_pages = kv_pages.shape[0]
+    # Unowned pages get an out-of-range id: their tokens' writes are dropped.
+    write_table = jnp.where(page_mask, page_indices, num_pages) if split else page_indices
+    kv_pages = reference.write_kv_pages(k, v, kv_pages, kv_lens, write_table, cu_q_lens, num_seqs)
     work = reference.build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
     num_pairs = work.pair_seq.shape[0]
     num_blocks = work.blk_start.shape[0] - 1
@@ -248,11 +293,21 @@ def ragged_paged_attention_gpu(
     def whole(x):
         return pl.BlockSpec(x.shape, lambda p, h, nd=x.ndim: (0,) * nd)
 
-    metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, page_indices)
+    if split:
+        local = reference.local_page_lists(page_mask, page_indices)
+        metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, local.pages, local.cols,
+                    local.before)
+    else:
+        metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, page_indices)
     head_rows = pl.BlockSpec((None, padded * group, head_dim), lambda p, h: (h, 0, 0))
-    num_pages = kv_pages.shape[0]
+    out_specs, out_shape = head_rows, jax.ShapeDtypeStruct(q_heads.shape, q.dtype)
+    if split:  # f32 partials: the merge's accuracy should not depend on q's dtype
+        out_specs = [head_rows, pl.BlockSpec((None, padded * group), lambda p, h: (h, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q_heads.shape, jnp.float32),
+                     jax.ShapeDtypeStruct(q_heads.shape[:2], jnp.float32)]
     kernel = functools.partial(
         _kernel,
+        split=split,
         block_q=bq,
         group=group,
         pages_per_block=bp,
@@ -270,14 +325,20 @@ def ragged_paged_attention_gpu(
             pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h, 0)),
             pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h + 1, 0)),
         ],
-        out_specs=head_rows,
-        out_shape=jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="meshserve_ragged_paged_attention_gpu",
     )(*metadata, q_heads, kv_pages, kv_pages)
-    out = reference.ungroup_queries(out, num_tokens, num_q_heads)
     meta = reference.token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens)
+    if split:
+        out, lse = out
+        lse = reference.ungroup_queries(lse[..., None], num_tokens, num_q_heads)[..., 0]
+        lse = jnp.where(meta.valid[:, None], lse, MASK_VALUE)
+    out = reference.ungroup_queries(out, num_tokens, num_q_heads)
     # No program stores padding rows; their memory is uninitialised.
     out = jnp.where(meta.valid[:, None, None], out, jnp.zeros_like(out))
+    if split:
+        return out, lse, kv_pages
     return out, kv_pages

@@ -187,7 +187,9 @@ def default_block_sizes(num_tokens: int, max_seqs: int, q_per_kv: int) -> tuple[
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "keys_per_block"),
+    static_argnames=(
+        "sm_scale", "sliding_window", "soft_cap", "block_q", "keys_per_block", "return_lse"
+    ),
 )
 def ragged_paged_attention_reference(
     q: jax.Array,
@@ -204,7 +206,9 @@ def ragged_paged_attention_reference(
     soft_cap: float | None = None,
     block_q: int | None = None,
     keys_per_block: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    page_mask: jax.Array | None = None,
+    return_lse: bool = False,
+) -> tuple[jax.Array, ...]:
     """Reference ragged paged attention; same contract as ``dispatch.ragged_paged_attention``.
 
     ``block_q`` (query tokens per pair) and ``keys_per_block`` (keys per loop step) only trade
@@ -213,12 +217,18 @@ def ragged_paged_attention_reference(
     args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     validation.validate_static(*args, **options)  # trace time only
-    kv_pages = write_kv_pages(k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    write_table, read_table = page_indices, page_indices
+    page_mask = validation.lse_page_mask(page_mask, page_indices, return_lse)
+    if page_mask is not None:
+        # Unowned pages: an out-of-range id drops the write; reads of them are masked.
+        write_table = jnp.where(page_mask, page_indices, kv_pages.shape[0])
+        read_table = jnp.where(page_mask, page_indices, 0)
+    kv_pages = write_kv_pages(k, v, kv_pages, kv_lens, write_table, cu_q_lens, num_seqs)
     out = paged_attention_from_pages(
         q,
         kv_pages,
         kv_lens,
-        page_indices,
+        read_table,
         cu_q_lens,
         num_seqs,
         sm_scale=sm_scale,
@@ -226,8 +236,41 @@ def ragged_paged_attention_reference(
         soft_cap=soft_cap,
         block_q=block_q,
         keys_per_block=keys_per_block,
+        page_mask=page_mask,
+        return_lse=return_lse,
     )
+    if return_lse:
+        return (*out, kv_pages)
     return out, kv_pages
+
+
+class LocalPages(NamedTuple):
+    """A page mask as per-sequence lists of the pages a device holds, for kernels that walk
+    the page table: column j of a row is the j-th owned page in table order."""
+
+    pages: jax.Array  # [S, P] page ids of the owned pages, 0 past the owned ones
+    cols: jax.Array  # [S, P] their page-table columns, LOCAL_COL_PAD past the owned ones
+    before: jax.Array  # [S, P + 1] owned pages in columns < c: the list slice of columns [a, b)
+    # is pages[before[a]:before[b]]
+
+
+# Past every real column, so key positions built from it fail every causal test (and
+# LOCAL_COL_PAD * page_size stays far from int32 overflow).
+LOCAL_COL_PAD = 1 << 20
+
+
+def local_page_lists(page_mask: jax.Array, page_indices: jax.Array) -> LocalPages:
+    """Compacts ``page_mask`` ([S, P] bool) into ``LocalPages`` (stable: table order kept)."""
+    max_seqs, pages_per_seq = page_indices.shape
+    cols = jnp.broadcast_to(jnp.arange(pages_per_seq, dtype=jnp.int32), page_indices.shape)
+    # Owned columns first, in column order: sort by (not owned, column).
+    order = jnp.argsort(jnp.where(page_mask, cols, cols + pages_per_seq), axis=1)
+    owned = jnp.take_along_axis(page_mask, order, axis=1)
+    pages = jnp.where(owned, jnp.take_along_axis(page_indices, order, axis=1), 0)
+    local_cols = jnp.where(owned, order, LOCAL_COL_PAD).astype(jnp.int32)
+    counts = jnp.cumsum(page_mask.astype(jnp.int32), axis=1)
+    before = jnp.concatenate([jnp.zeros((max_seqs, 1), jnp.int32), counts], axis=1)
+    return LocalPages(pages.astype(jnp.int32), local_cols, before)
 
 
 def paged_attention_from_pages(
@@ -376,7 +419,9 @@ def paged_attention_from_pages(
     merged = merged.at[dest].add(out, mode="drop")
     merged = merged.reshape(num_blocks * block_q, num_q_heads, head_dim)[:num_tokens]
     if return_lse:
-        return merged[..., :-1], merged[..., -1]
+        # Padding tokens saw no key either: "no contribution", like a row without keys.
+        valid = token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens).valid
+        return merged[..., :-1], jnp.where(valid[:, None], merged[..., -1], MASK_VALUE)
     return merged.astype(q.dtype)
 
 
@@ -386,6 +431,9 @@ def merge_partials(outs: jax.Array, lses: jax.Array) -> jax.Array:
     outs: [K, ..., D] each part's normalised output; lses: [K, ...] its log-sum-exp
     (MASK_VALUE where the part saw no key). out = sum_k exp(lse_k - lse) out_k with
     lse = logsumexp_k lse_k; rows no part saw come out 0 (their outs are 0)."""
-    top = lses.max(axis=0)
-    w = jnp.exp(lses - top)  # a part with no keys gets exp(MASK - top) = 0 unless all do
-    return (w[..., None] * outs).sum(axis=0) / w.sum(axis=0)[..., None]
+    # A part with no keys gets exp(MASK - top) = 0 unless all do; the floor makes -inf
+    # (another convention for "no keys") give weight 0 instead of exp(-inf + inf) = NaN.
+    top = jnp.maximum(lses.max(axis=0), MASK_VALUE)
+    w = jnp.exp(lses - top)
+    total = w.sum(axis=0)
+    return (w[..., None] * outs).sum(axis=0) / jnp.where(total > 0.0, total, 1.0)[..., None]

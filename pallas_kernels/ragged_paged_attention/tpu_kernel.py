@@ -84,6 +84,7 @@ def vmem_footprint(
     page_size: int,
     q_dtype: DTypeLike,
     kv_dtype: DTypeLike,
+    return_lse: bool = False,
 ) -> int:
     """Bytes of VMEM the kernel needs, with (sublane, lane) tile padding."""
     rows = block_q * group
@@ -95,6 +96,8 @@ def vmem_footprint(
     rows_f32 = _round_up(rows, 8)
     chans = _round_up(2 * kv_heads_per_block, _sublane_multiple(kv_dtype))
     q_and_out = 2 * 2 * kv_heads_per_block * rows_q * d * q_bytes  # pipelined, 2 buffers each
+    if return_lse:  # the output is f32, plus an f32 lse block as wide as the lanes
+        q_and_out += 2 * kv_heads_per_block * rows_f32 * (d * (4 - q_bytes) + _LANES * 4)
     new_kv = 2 * block_q * chans * d * kv_bytes
     kv_bufs = 2 * keys * chans * d * kv_bytes
     m_and_l = 2 * kv_heads_per_block * rows_f32 * _LANES * 4
@@ -127,6 +130,7 @@ def choose_block_sizes(
     num_queries_per_block: int | None = None,
     num_kv_heads_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
+    return_lse: bool = False,
 ) -> BlockSizes:
     """Table defaults, shrunk until they fit VMEM; explicit sizes that do not fit are refused."""
     limit = vmem_limit_bytes or (_vmem_capacity() * 3) // 4
@@ -164,6 +168,7 @@ def choose_block_sizes(
             **shape,
             q_dtype=q_dtype,
             kv_dtype=kv_dtype,
+            return_lse=return_lse,
         )
 
     heads = head_options[0]
@@ -201,12 +206,30 @@ class _Pair(NamedTuple):
     page_lo: Any  # first page-table column the pair needs
     page_hi: Any  # last page-table column the pair needs
     num_kv_blocks: Any
+    list_lo: Any  # with a page mask: first entry of the owned-page list the pair needs
+    list_end: Any  # one past its last
 
 
-def _kernel(
+def _kernel(*refs, split: bool, **options):
+    """Unpacks the refs; `split` (a page mask given): three more scalar-prefetch arrays
+    (the owned-page lists) and a log-sum-exp output."""
+    lists = lse_ref = None
+    if split:
+        *scalars, lp, lc, lb, q_ref, new_kv_ref, pages_in, o_ref, pages_ref, lse_ref = refs[:14]
+        lists = (lp, lc, lb)
+        scratch = refs[14:]
+    else:
+        *scalars, q_ref, new_kv_ref, pages_in, o_ref, pages_ref = refs[:10]
+        scratch = refs[10:]
+    _attend(*scalars, q_ref, new_kv_ref, pages_in, o_ref, pages_ref, *scratch,
+            lists=lists, lse_ref=lse_ref, **options)
+
+
+def _attend(
     # Scalar prefetch (SMEM).
     kv_lens_ref,
-    page_indices_ref,  # [max_seqs * pages_per_seq], flat: 2-D SMEM arrays pad their rows
+    page_indices_ref,  # [max_seqs * pages_per_seq], flat: 2-D SMEM arrays pad their rows;
+    # with a page mask the owned pages' ids and -1 elsewhere (only writes use it then)
     cu_q_lens_ref,
     pair_seq_ref,
     blk_start_ref,
@@ -225,6 +248,10 @@ def _kernel(
     l_ref,  # [Hb, Bq * G, 128] running denominator
     acc_ref,  # [Hb, Bq * G, D] running numerator
     *,
+    # With a page mask: the flat LocalPages (pages, cols [S * P], before [S * (P + 1)])
+    # and the [Hb, Bq * G, 128] log-sum-exp output; else None.
+    lists,
+    lse_ref,
     block_q: int,
     group: int,
     pages_per_block: int,
@@ -264,9 +291,21 @@ def _kernel(
         else:
             page_lo = lax.div(jnp.maximum(qpos_lo - sliding_window + 1, 0), page_size)
         page_hi = lax.div(jnp.maximum(qpos_hi, 0), page_size)
-        n_blocks = jnp.maximum(lax.div(page_hi - page_lo + pages_per_block, pages_per_block), 1)
+        if lists is None:
+            list_lo = list_end = None
+            n_blocks = page_hi - page_lo + 1
+        else:
+            # The owned pages with columns in [page_lo, page_hi] are one slice of the list.
+            before = lists[2]
+            list_lo = before[seq * (pages_per_seq + 1) + jnp.clip(page_lo, 0, pages_per_seq)]
+            list_end = before[seq * (pages_per_seq + 1) + jnp.clip(page_hi + 1, 0, pages_per_seq)]
+            n_blocks = list_end - list_lo
+        # At least one block per pair, even one with nothing to read: its fully masked
+        # step leaves the state unchanged and keeps the pipeline's bookkeeping simple.
+        n_blocks = jnp.maximum(lax.div(n_blocks + pages_per_block - 1, pages_per_block), 1)
         row_lo, row_hi = t_lo - first_tok, t_hi - first_tok
-        return _Pair(seq, row_lo, row_hi, qpos_base, qpos_hi, page_lo, page_hi, n_blocks)
+        return _Pair(seq, row_lo, row_hi, qpos_base, qpos_hi, page_lo, page_hi, n_blocks,
+                     list_lo, list_end)
 
     # 1. Cache write: one DMA per token of this block, all in flight, then all waited.
     def for_each_new_token(fn):
@@ -275,12 +314,19 @@ def _kernel(
 
             def tok_body(row, carry2):
                 pos = info.qpos_base + row
+                col = lax.div(pos, page_size)
                 dst = pages_ref.at[
-                    page_id(info.seq, lax.div(pos, page_size)),
+                    page_id(info.seq, col),
                     lax.rem(pos, page_size),
                     pl.ds(chan_start, chans),
                 ]
-                fn(pltpu.make_async_copy(new_kv_ref.at[row], dst, write_sem.at[0]))
+                copy = pltpu.make_async_copy(new_kv_ref.at[row], dst, write_sem.at[0])
+                if lists is None:
+                    fn(copy)
+                else:  # another device holds the page: it writes the token
+                    raw = page_indices_ref[info.seq * pages_per_seq + jnp.clip(col, 0,
+                                                                              pages_per_seq - 1)]
+                    pl.when(raw >= 0)(lambda: fn(copy))
                 return carry2
 
             return lax.fori_loop(info.row_lo, info.row_hi, tok_body, carry)
@@ -295,18 +341,48 @@ def _kernel(
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
+    def list_entry(ref, info: _Pair, j):
+        return ref[info.seq * pages_per_seq + jnp.clip(j, 0, pages_per_seq - 1)]
+
     def kv_copies(info: _Pair, kv_blk, slot, fn):
         for i in range(pages_per_block):
-            col = info.page_lo + kv_blk * pages_per_block + i
+            if lists is None:  # entry: a page-table column
+                entry = info.page_lo + kv_blk * pages_per_block + i
+                ok = entry <= info.page_hi
+            else:  # entry: a position in the sequence's owned-page list
+                entry = info.list_lo + kv_blk * pages_per_block + i
+                ok = entry < info.list_end
 
-            @pl.when(col <= info.page_hi)
-            def _(col=col, i=i):
-                src = pages_ref.at[page_id(info.seq, col), :, pl.ds(chan_start, chans)]
+            @pl.when(ok)
+            def _(entry=entry, i=i):
+                if lists is None:
+                    page = page_id(info.seq, entry)
+                else:
+                    page = jnp.clip(list_entry(lists[0], info, entry), 0, num_pages - 1)
+                src = pages_ref.at[page, :, pl.ds(chan_start, chans)]
                 dst = kv_buf.at[slot, pl.ds(i * page_size, page_size)]
                 fn(pltpu.make_async_copy(src, dst, read_sems.at[slot]))
 
+    def key_base(info: _Pair, kv_blk, shape, axis):
+        """Key position minus its index in the block, per element of `shape` (keys on
+        `axis`): owned pages are not adjacent, so each page's keys start at its column."""
+        iota = lax.broadcasted_iota(jnp.int32, shape, axis)
+        base = None
+        for i in range(pages_per_block):
+            j = info.list_lo + kv_blk * pages_per_block + i
+            # Entries past the pair's slice of the list: a column past every query.
+            col = jnp.where(j < info.list_end, list_entry(lists[1], info, j),
+                            reference.LOCAL_COL_PAD)
+            start = (col - i) * page_size
+            base = jnp.full(shape, start) if base is None else jnp.where(
+                iota >= i * page_size, start, base)
+        return base
+
     def compute(info: _Pair, kv_blk, slot):
-        first_key = (info.page_lo + kv_blk * pages_per_block) * page_size
+        if lists is None:
+            first_key = (info.page_lo + kv_blk * pages_per_block) * page_size
+        else:
+            first_key = key_base(info, kv_blk, (rows, keys), 1)
         # Row r is token r // group of the block. Conditions on floor(r / group) are written
         # as conditions on r (x <= r // g  <=>  x * g <= r) to avoid vector integer division.
         row = lax.broadcasted_iota(jnp.int32, (rows, keys), 0)
@@ -316,6 +392,8 @@ def _kernel(
             mask = mask & (row < (rel + sliding_window) * group)
         # Keys past the pair's last query were not fetched (or are beyond kv_len): zero V so a
         # stale NaN cannot leak through 0 * NaN.
+        if lists is not None:
+            first_key = key_base(info, kv_blk, (keys, head_dim), 0)
         v_ok = first_key + lax.broadcasted_iota(jnp.int32, (keys, head_dim), 0) <= info.qpos_hi
         for h in range(num_heads_per_blk):
             q = q_ref[h]
@@ -366,6 +444,12 @@ def _kernel(
     # 3. Rows that no pair touched (padding) have l == 0 and come out as zeros.
     for h in range(num_heads_per_blk):
         denom = jnp.max(l_ref[h], axis=1, keepdims=True)
+        if lse_ref is not None:
+            # No key seen (no owned page in range): MASK_VALUE, which merge_partials weighs 0.
+            m = jnp.max(m_ref[h], axis=1, keepdims=True)
+            lse = jnp.where(denom > 0.0, m + jnp.log(jnp.where(denom > 0.0, denom, 1.0)),
+                            MASK_VALUE)
+            lse_ref[h] = jnp.broadcast_to(lse, (rows, _LANES))
         denom = jnp.where(denom == 0.0, 1.0, denom)
         o_ref[h] = (acc_ref[h] / denom).astype(o_ref.dtype)
 
@@ -381,6 +465,7 @@ def _kernel(
         "num_kv_heads_per_block",
         "vmem_limit_bytes",
         "interpret",
+        "return_lse",
     ),
 )
 def ragged_paged_attention_tpu(
@@ -401,14 +486,20 @@ def ragged_paged_attention_tpu(
     num_kv_heads_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
     interpret: Any = False,
-) -> tuple[jax.Array, jax.Array]:
+    page_mask: jax.Array | None = None,
+    return_lse: bool = False,
+) -> tuple[jax.Array, ...]:
     """TPU ragged paged attention with fused K/V write; contract of ``dispatch``.
 
-    ``interpret`` may be True or a ``pltpu.InterpretParams`` to run on CPU.
+    ``interpret`` may be True or a ``pltpu.InterpretParams`` to run on CPU. With
+    ``page_mask`` the kernel walks each sequence's owned pages as a compacted list
+    (``reference.local_page_lists``): unowned pages are neither written nor DMA'd.
     """
     args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     validation.validate_static(*args, **options)  # trace time only
+    page_mask = validation.lse_page_mask(page_mask, page_indices, return_lse)
+    split = page_mask is not None
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
     num_kv_heads = num_combined // 2
@@ -429,6 +520,7 @@ def ragged_paged_attention_tpu(
         num_queries_per_block=num_queries_per_block,
         num_kv_heads_per_block=num_kv_heads_per_block,
         vmem_limit_bytes=vmem_limit_bytes,
+        return_lse=split,
     )
     bp, bq, hb = sizes[:3]
     num_blocks = reference.cdiv(num_tokens, bq)
@@ -444,6 +536,7 @@ def ragged_paged_attention_tpu(
 
     kernel = functools.partial(
         _kernel,
+        split=split,
         block_q=bq,
         group=group,
         pages_per_block=bp,
@@ -453,15 +546,31 @@ def ragged_paged_attention_tpu(
         soft_cap=soft_cap,
     )
     q_spec = pl.BlockSpec((hb, rows, head_dim), lambda h, b, *_: (h, b, 0))
+    scalars = (kv_lens, page_indices.reshape(-1), cu_q_lens, pair_seq, work.blk_start)
+    out_specs = [q_spec, pl.BlockSpec(memory_space=pl.ANY)]
+    out_shape = [
+        jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
+        jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
+    ]
+    if split:
+        local = reference.local_page_lists(page_mask, page_indices)
+        write_table = jnp.where(page_mask, page_indices, -1).reshape(-1)
+        scalars = (kv_lens, write_table, cu_q_lens, pair_seq, work.blk_start,
+                   *(x.reshape(-1) for x in local))
+        # f32 partials (the merge's accuracy should not depend on q's dtype) and an lse
+        # block as wide as the lanes, like the running max.
+        out_specs.append(pl.BlockSpec((hb, rows, _LANES), lambda h, b, *_: (h, b, 0)))
+        out_shape[0] = jax.ShapeDtypeStruct(q_heads.shape, jnp.float32)
+        out_shape.append(jax.ShapeDtypeStruct((*q_heads.shape[:2], _LANES), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
+        num_scalar_prefetch=len(scalars),
         grid=(num_kv_heads // hb, num_blocks),
         in_specs=[
             q_spec,
             pl.BlockSpec((bq, 2 * hb, head_dim), lambda h, b, *_: (b, h, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
-        out_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=out_specs,
         scratch_shapes=[
             pltpu.VMEM((2, bp * page_size, 2 * hb, head_dim), kv_pages.dtype),
             pltpu.SemaphoreType.DMA((2,)),
@@ -471,16 +580,12 @@ def ragged_paged_attention_tpu(
             pltpu.VMEM((hb, rows, head_dim), jnp.float32),
         ],
     )
-    scalars = (kv_lens, page_indices.reshape(-1), cu_q_lens, pair_seq, work.blk_start)
-    out, kv_pages = pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=[
-            jax.ShapeDtypeStruct(q_heads.shape, q.dtype),
-            jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
-        ],
-        # Operand 7 = kv_pages (after 5 scalar-prefetch operands, q and new_kv).
-        input_output_aliases={7: 1},
+        out_shape=out_shape,
+        # kv_pages follows the scalar-prefetch operands, q and new_kv.
+        input_output_aliases={len(scalars) + 2: 1},
         compiler_params=pltpu.CompilerParams(
             # Head blocks touch disjoint channels, so they may run on separate cores; query
             # blocks must run in order because later blocks read what earlier ones wrote.
@@ -490,4 +595,8 @@ def ragged_paged_attention_tpu(
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="meshserve_ragged_paged_attention",
     )(*scalars, q_heads, new_kv, kv_pages)
-    return reference.ungroup_queries(out, num_tokens, num_q_heads), kv_pages
+    out, kv_pages = reference.ungroup_queries(outs[0], num_tokens, num_q_heads), outs[1]
+    if split:
+        lse = reference.ungroup_queries(outs[2][..., :1], num_tokens, num_q_heads)[..., 0]
+        return out, lse, kv_pages
+    return out, kv_pages

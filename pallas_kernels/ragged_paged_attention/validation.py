@@ -99,6 +99,31 @@ def validate_static(
         raise ValueError(f"sm_scale must be finite, got {sm_scale!r}")
 
 
+def validate_page_mask(page_mask: jax.Array, page_indices: jax.Array) -> None:
+    """A page mask (the pages this device holds) is a bool twin of the page table."""
+    if _shape(page_mask) != _shape(page_indices) or page_mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"page_mask must be bool with page_indices' shape {_shape(page_indices)}, got "
+            f"{page_mask.dtype}{list(_shape(page_mask))}"
+        )
+
+
+def lse_page_mask(
+    page_mask: jax.Array | None, page_indices: jax.Array, return_lse: bool
+) -> jax.Array | None:
+    """The mask of the partial-output path: None without ``return_lse`` (a partial without
+    its log-sum-exp cannot be merged, so a mask alone is refused), all pages if not given."""
+    if not return_lse:
+        if page_mask is not None:
+            raise ValueError("page_mask needs return_lse=True: a partial without its "
+                             "log-sum-exp cannot be merged")
+        return None
+    if page_mask is None:
+        return jnp.ones(_shape(page_indices), jnp.bool_)
+    validate_page_mask(page_mask, page_indices)
+    return page_mask
+
+
 def validate_dynamic(
     kv_pages_shape: Sequence[int],
     num_tokens: int,
