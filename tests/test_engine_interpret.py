@@ -53,6 +53,15 @@ def test_interpreted_kernel_per_device_under_shard_map(checkpoint_dir, reference
     assert outputs == reference
 
 
+@pytest.mark.parametrize("impl", ["tpu-interpret", "gpu-interpret"])
+def test_interpreted_kernel_local_part_on_a_kv_split(checkpoint_dir, reference, impl):
+    """sequence=2: each device's kernel attends over its own pages (page mask) and returns
+    its partial with the log-sum-exp; the merged stream equals one device's."""
+    outputs, preemptions = _run(checkpoint_dir("llama"), impl, "sequence=2")
+    assert preemptions > 0
+    assert outputs == reference
+
+
 def test_the_environment_variable_names_them(monkeypatch):
     monkeypatch.setenv("MESHSERVE_ATTENTION_IMPL", "gpu-interpret")
     assert resolve_impl() == "gpu-interpret"
