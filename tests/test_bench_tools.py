@@ -82,7 +82,8 @@ def test_accelerator_check_smoke_runs_every_part(tmp_path):
     report = json.loads(out.read_text())
     assert report["kernel"] == "tpu-interpret" and report["ok"]
     assert {(r["dtype"], r["case"]) for r in report["parity"]} == {
-        (d, c) for d in ("float32", "bfloat16") for c in ("decode", "prefill", "mixed")}
+        (d, c) for d in ("float32", "bfloat16")
+        for c in ("decode", "prefill", "mixed", "mixed, pages split 2 ways (lse path)")}
     assert all(r["finite"] and r["kv_written_equal"] for r in report["parity"])
     assert max(r["max_abs_error"] for r in report["parity"] if r["dtype"] == "float32") < 1e-4
     assert [(r["batch"], r["context"]) for r in report["decode_bandwidth"]] == [(2, 64)]

@@ -5,7 +5,9 @@
                                                                     # the Pallas interpreter
 
 1. Kernel vs the pure-JAX reference in float32 and bfloat16 on decode, prefill and mixed
-   batches (NaN-poisoned padding): the largest error of each.
+   batches (NaN-poisoned padding): the largest error of each. Also the context-parallel
+   path (page mask + log-sum-exp, pages split 2 ways): each part's output and lse against
+   the reference's, and the merged parts against the whole attention.
 2. Decode attention bandwidth: KV bytes the step must read ÷ its time, as a fraction of
    the device's HBM peak (a table of published figures) and of a device-to-device copy
    measured in the same run, at batch 8/64 × context 1k/8k.
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from meshserve.pallas_kernels.ragged_paged_attention.reference import merge_partials
 from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 from meshserve.tools import reports
 
@@ -135,7 +138,44 @@ def kernel_parity(impl: str, sizes: Sizes, smoke: bool) -> list[dict]:
                          "finite": finite, "kv_written_equal": pages_equal,
                          "ok": finite and pages_equal and error <= tolerance})
             print(f"  parity {rows[-1]['dtype']:8} {name:8} max err {error:.2e}", flush=True)
+        rows.append(split_parity(impl, sizes, smoke, dtype, tolerance))
     return rows
+
+
+def split_parity(impl: str, sizes: Sizes, smoke: bool, dtype, tolerance: float) -> dict:
+    """The mixed batch with its pages split 2 ways (page p on part p % 2), as context
+    parallelism runs it: the largest error of any part's output or lse, and of the merge."""
+    seqs = parity_cases(sizes.parity, smoke)["mixed"]
+    tokens = sum(q for q, _ in seqs)
+    batch = random_ragged_batch(seqs, **sizes.parity, page_size=16, num_tokens=tokens + 5,
+                                max_seqs=len(seqs) + 2, dtype=dtype, seed=4)
+    args = batch.args()
+    full, _ = jax.jit(lambda *a: ragged_paged_attention(*a, impl="reference"))(*args)
+    error, finite, pages_equal, outs, lses = 0.0, True, True, [], []
+    for part in range(2):
+        mask = args[5] % 2 == part
+        runs = [jax.jit(lambda *a, i=i: ragged_paged_attention(
+            *a[:-1], impl=i, page_mask=a[-1], return_lse=True))(*args, mask)
+            for i in ("reference", impl)]
+        (ref, ref_lse, ref_pages), (out, lse, pages) = runs
+        for got, want in ((out, ref), (lse, ref_lse)):
+            got, want = np.asarray(got[:tokens]), np.asarray(want[:tokens])
+            finite = finite and bool(np.isfinite(got).all())
+            error = max(error, float(np.max(np.abs(got - want))))
+        pages_equal = pages_equal and bool(np.array_equal(
+            np.asarray(pages, np.float32), np.asarray(ref_pages, np.float32), equal_nan=True))
+        outs.append(out)
+        lses.append(lse)
+    merged = np.asarray(merge_partials(jnp.stack(outs), jnp.stack(lses))[:tokens])
+    merge_error = float(np.max(np.abs(merged - np.asarray(full[:tokens], np.float32))))
+    error = max(error, merge_error)
+    row = {"dtype": jnp.dtype(dtype).name, "case": "mixed, pages split 2 ways (lse path)",
+           "max_abs_error": error, "merge_max_abs_error": merge_error, "finite": finite,
+           "kv_written_equal": pages_equal,
+           "ok": finite and pages_equal and error <= tolerance}
+    print(f"  parity {row['dtype']:8} split x2 max err {error:.2e} (merge {merge_error:.2e})",
+          flush=True)
+    return row
 
 
 def decode_bandwidth(impl: str, sizes: Sizes, peak: float | None, copy_bw: float) -> list[dict]:

@@ -18,11 +18,11 @@ from meshserve.pallas_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention_reference,
     write_kv_pages,
 )
-from meshserve.pallas_kernels.ragged_paged_attention.tpu_kernel import (
+from meshserve.pallas_kernels.ragged_paged_attention.tpu_block_sizes import (
     choose_block_sizes,
-    ragged_paged_attention_tpu,
     vmem_footprint,
 )
+from meshserve.pallas_kernels.ragged_paged_attention.tpu_kernel import ragged_paged_attention_tpu
 from meshserve.pallas_kernels.ragged_paged_attention.validation import (
     validate_dynamic,
     validate_static,

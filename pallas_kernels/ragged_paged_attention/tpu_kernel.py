@@ -36,165 +36,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.typing import DTypeLike
 
-from meshserve.pallas_kernels.ragged_paged_attention import reference, validation
+from meshserve.pallas_kernels.ragged_paged_attention import reference, tpu_block_sizes, validation
+from meshserve.pallas_kernels.ragged_paged_attention.tpu_block_sizes import choose_block_sizes
 
 MASK_VALUE = reference.MASK_VALUE
-_LANES = 128
-
-# page_size -> (kv pages per block, queries per block). About 512 keys per block keeps the
-# MXU busy while two K/V buffers plus scores stay far below the smallest scoped VMEM.
-_BLOCK_TABLE: dict[int, tuple[int, int]] = {
-    8: (64, 32),
-    16: (32, 32),
-    32: (16, 32),
-    64: (8, 32),
-    128: (4, 32),
-    256: (2, 32),
-}
-# The smallest VMEM of current generations (v4/v5e per TensorCore).
-_DEFAULT_VMEM_BYTES = 16 * 1024 * 1024
-
-
-class BlockSizes(NamedTuple):
-    num_kv_pages_per_block: int
-    num_queries_per_block: int
-    num_kv_heads_per_block: int
-    vmem_limit_bytes: int
-    vmem_bytes: int  # estimated footprint of this choice
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
-def _sublane_multiple(dtype: DTypeLike) -> int:
-    # Packed dtypes tile 8 * (4 / itemsize) rows per vreg.
-    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
-
-
-def vmem_footprint(
-    *,
-    block_q: int,
-    pages_per_block: int,
-    kv_heads_per_block: int,
-    group: int,
-    head_dim: int,
-    page_size: int,
-    q_dtype: DTypeLike,
-    kv_dtype: DTypeLike,
-    return_lse: bool = False,
-) -> int:
-    """Bytes of VMEM the kernel needs, with (sublane, lane) tile padding."""
-    rows = block_q * group
-    keys = pages_per_block * page_size
-    d = _round_up(head_dim, _LANES)
-    q_bytes = jnp.dtype(q_dtype).itemsize
-    kv_bytes = jnp.dtype(kv_dtype).itemsize
-    rows_q = _round_up(rows, _sublane_multiple(q_dtype))
-    rows_f32 = _round_up(rows, 8)
-    chans = _round_up(2 * kv_heads_per_block, _sublane_multiple(kv_dtype))
-    q_and_out = 2 * 2 * kv_heads_per_block * rows_q * d * q_bytes  # pipelined, 2 buffers each
-    if return_lse:  # the output is f32, plus an f32 lse block as wide as the lanes
-        q_and_out += 2 * kv_heads_per_block * rows_f32 * (d * (4 - q_bytes) + _LANES * 4)
-    new_kv = 2 * block_q * chans * d * kv_bytes
-    kv_bufs = 2 * keys * chans * d * kv_bytes
-    m_and_l = 2 * kv_heads_per_block * rows_f32 * _LANES * 4
-    acc = kv_heads_per_block * rows_f32 * d * 4
-    # Live values of one head: scores, probabilities and mask, plus K and V in f32.
-    temps = 3 * rows_f32 * _round_up(keys, _LANES) * 4 + 2 * _round_up(keys, 8) * d * 4
-    return q_and_out + new_kv + kv_bufs + m_and_l + acc + temps
-
-
-def _vmem_capacity() -> int:
-    try:
-        if pltpu.is_tpu_device():
-            return int(pltpu.get_tpu_info().vmem_capacity_bytes)
-    except Exception:  # noqa: BLE001 - unknown device kinds fall back to the safe default
-        pass
-    return _DEFAULT_VMEM_BYTES
-
-
-def choose_block_sizes(
-    *,
-    num_tokens: int,
-    num_kv_heads: int,
-    group: int,
-    head_dim: int,
-    page_size: int,
-    pages_per_seq: int,
-    q_dtype: DTypeLike,
-    kv_dtype: DTypeLike,
-    num_kv_pages_per_block: int | None = None,
-    num_queries_per_block: int | None = None,
-    num_kv_heads_per_block: int | None = None,
-    vmem_limit_bytes: int | None = None,
-    return_lse: bool = False,
-) -> BlockSizes:
-    """Table defaults, shrunk until they fit VMEM; explicit sizes that do not fit are refused."""
-    limit = vmem_limit_bytes or (_vmem_capacity() * 3) // 4
-    table_pages, table_q = _BLOCK_TABLE.get(page_size, (max(1, 512 // page_size), 32))
-    pages = min(num_kv_pages_per_block or table_pages, pages_per_seq)
-    sub = _sublane_multiple(q_dtype)
-    bq = num_queries_per_block or table_q
-    if bq >= num_tokens:
-        bq = num_tokens  # one block covering every token is always a legal tile
-    elif num_queries_per_block is None:
-        bq = _round_up(bq, sub)
-    kv_sub = _sublane_multiple(kv_dtype)
-    # A head block must tile the channel dim: all heads, or a multiple of the sublane count.
-    head_options = [
-        h
-        for h in range(num_kv_heads, 0, -1)
-        if num_kv_heads % h == 0 and (h == num_kv_heads or (2 * h) % kv_sub == 0)
-    ]
-    if num_kv_heads_per_block is not None:
-        if num_kv_heads_per_block not in head_options:
-            raise ValueError(
-                f"num_kv_heads_per_block={num_kv_heads_per_block} must divide num_kv_heads="
-                f"{num_kv_heads} and be all heads or a multiple of {kv_sub // 2}; "
-                f"valid: {head_options}"
-            )
-        head_options = [num_kv_heads_per_block]
-    explicit = (num_kv_pages_per_block, num_queries_per_block, num_kv_heads_per_block)
-
-    def footprint(p: int, q: int, h: int) -> int:
-        shape = dict(group=group, head_dim=head_dim, page_size=page_size)
-        return vmem_footprint(
-            block_q=q,
-            pages_per_block=p,
-            kv_heads_per_block=h,
-            **shape,
-            q_dtype=q_dtype,
-            kv_dtype=kv_dtype,
-            return_lse=return_lse,
-        )
-
-    heads = head_options[0]
-    need = footprint(pages, bq, heads)
-    if need > limit and all(x is not None for x in explicit):
-        raise ValueError(
-            f"ragged paged attention blocks (pages={pages}, queries={bq}, kv_heads={heads}) "
-            f"need ~{need / 2**20:.1f} MiB of VMEM, over the {limit / 2**20:.1f} MiB limit; "
-            "use smaller blocks or raise vmem_limit_bytes"
-        )
-    # Shrink the cheapest-to-lose dimension first: kv pages, then heads, then queries.
-    while need > limit:
-        if num_kv_pages_per_block is None and pages > 1:
-            pages = max(1, pages // 2)
-        elif len(head_options) > 1 and heads != head_options[-1]:
-            heads = head_options[head_options.index(heads) + 1]
-        elif num_queries_per_block is None and bq > sub:
-            bq = max(sub, _round_up(bq // 2, sub))
-        else:
-            raise ValueError(
-                f"ragged paged attention cannot fit VMEM: smallest blocks (pages={pages}, "
-                f"queries={bq}, kv_heads={heads}) need ~{need / 2**20:.1f} MiB > limit "
-                f"{limit / 2**20:.1f} MiB (head_dim={head_dim}, page_size={page_size})"
-            )
-        need = footprint(pages, bq, heads)
-    return BlockSizes(pages, bq, heads, int(limit), int(need))
+_LANES = tpu_block_sizes.LANES
 
 
 class _Pair(NamedTuple):
@@ -293,16 +140,16 @@ def _attend(
         page_hi = lax.div(jnp.maximum(qpos_hi, 0), page_size)
         if lists is None:
             list_lo = list_end = None
-            n_blocks = page_hi - page_lo + 1
+            n_pages = page_hi - page_lo + 1
         else:
             # The owned pages with columns in [page_lo, page_hi] are one slice of the list.
             before = lists[2]
             list_lo = before[seq * (pages_per_seq + 1) + jnp.clip(page_lo, 0, pages_per_seq)]
             list_end = before[seq * (pages_per_seq + 1) + jnp.clip(page_hi + 1, 0, pages_per_seq)]
-            n_blocks = list_end - list_lo
+            n_pages = list_end - list_lo
         # At least one block per pair, even one with nothing to read: its fully masked
         # step leaves the state unchanged and keeps the pipeline's bookkeeping simple.
-        n_blocks = jnp.maximum(lax.div(n_blocks + pages_per_block - 1, pages_per_block), 1)
+        n_blocks = jnp.maximum(lax.div(n_pages - 1 + pages_per_block, pages_per_block), 1)
         row_lo, row_hi = t_lo - first_tok, t_hi - first_tok
         return _Pair(seq, row_lo, row_hi, qpos_base, qpos_hi, page_lo, page_hi, n_blocks,
                      list_lo, list_end)
