@@ -19,11 +19,12 @@ from meshserve.pallas_kernels.ragged_paged_attention import (
 )
 from meshserve.pallas_kernels.ragged_paged_attention.dispatch import IMPL_ENV_VAR
 from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
+from tests.rpa_partials import check_partials
 from tests.test_rpa_gpu_interpret import CASES, F32_ATOL, check_against_reference, make_batch
 
 run = jax.jit(
     cpu_kernel.ragged_paged_attention_cpu,
-    static_argnames=("sm_scale", "sliding_window", "soft_cap"),
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "return_lse"),
 )
 
 
@@ -142,3 +143,19 @@ def test_cpu_kernel_non_finite_inputs_behave_as_the_reference():
     np.testing.assert_array_equal(
         np.asarray(pages).view(np.uint32), np.asarray(want_pages).view(np.uint32)
     )
+
+
+@pytest.mark.parametrize("name,ways", [("mixed_gqa8_ps16", 3), ("window_mixed_gqa4_ps16", 2),
+                                       ("decode_gqa8_ps32_default_blocks", 4),
+                                       ("softcap_mixed_gqa1_ps32", 2), ("chunked_gqa4_ps32", 3)])
+def test_cpu_kernel_page_mask_partials_merge_to_the_reference(name, ways):
+    """Context parallelism: only held pages (runs of them) are walked; every part's
+    out/lse/pages equal the reference's masked path and the parts merge to the whole."""
+    *_, options, _ = CASES[name]
+    batch = make_batch(name, seed=5)
+
+    def local(page_mask):
+        return run(*batch.args(), page_mask=page_mask, return_lse=True, **options)
+
+    check_partials(batch, local, F32_ATOL, ways, **options)
+

@@ -10,6 +10,11 @@
 // Layouts (f32): q [T, Hq, D]; pages [N, page_size, 2 * Hkv, D] with K of kv head h at
 // channel 2h and V at 2h + 1; kv_lens [S]; page_indices [S, P]; cu_q_lens [S + 1];
 // num_seqs [1]; out [T, Hq, D].
+//
+// The "local" handler (context parallelism) also takes page_mask [S, P] (int32, nonzero:
+// this device holds the page) and returns lse [T, Hq]: only keys on held pages count,
+// walked as runs of consecutive held pages, and a row that sees no key gets out 0 and
+// lse kMaskValue.
 
 #include <algorithm>
 #include <cmath>
@@ -42,7 +47,9 @@ struct Problem {
   const float* pages;
   const int32_t* kv_lens;
   const int32_t* page_indices;
+  const int32_t* page_mask = nullptr;  // local handler only
   float* out;
+  float* lse = nullptr;  // local handler only
   int64_t num_pages, page_size, num_kv_heads, group, head_dim, pages_per_seq;
   float sm_scale, soft_cap;
   int32_t window;
@@ -268,6 +275,7 @@ void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
   const int64_t hq = p.num_kv_heads * G, heads = h1 - h0;
   float* out = p.out + (t * hq + h0 * G) * D;
   std::memset(out, 0, sizeof(float) * heads * G * D);
+  if (p.lse != nullptr) std::fill_n(p.lse + t * hq + h0 * G, heads * G, kMaskValue);
   const int32_t seq = p.token_seq[t], pos = p.token_pos[t];
   if (seq < 0 || pos < 0) return;
   const int64_t last = std::min<int64_t>(pos, p.pages_per_seq * p.page_size - 1);
@@ -293,21 +301,43 @@ void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
   // Scores and Accumulate step the prefetcher once per key each, for every head: it
   // moves one row per key, staying `ahead` keys in front.
   const int64_t row_lines = heads * lines, per_call = (row_lines + 2 * heads - 1) / (2 * heads);
-  {  // nothing runs before the first keys to spread their requests over
+  if (p.page_mask == nullptr) {  // nothing runs before the first keys to spread requests over
     Prefetcher burst(p, table, first, std::min(last, first + ahead - 1), 2 * h0 * D,
                      row_lines, row_lines);
     for (int64_t j = 0; j < ahead; ++j) burst.Step();
   }
-  Prefetcher pf(p, table, first + ahead, last, 2 * h0 * D, row_lines, per_call);
-  BlockRows rows;
-  for (int64_t start = first; start <= last; start += rows.n) {
-    LocateKeys(p, table, start, std::min<int64_t>(block, last - start + 1), rows);
-    for (int64_t i = 0; i < heads; ++i) {
-      HeadState& st = states[i];
-      const int64_t offset = 2 * (h0 + i) * D;
-      Scores<GT, DT>(q + i * G * D, rows, offset, G, D, p.sm_scale, s, pf);
-      Softmax(st, s, rows.n, G, p.soft_cap, alpha);
-      Accumulate<GT, DT>(st, alpha, s, rows, offset + D, G, D, pf);
+  // Keys [lo, hi]: all of [first, last], or one run of held pages of it.
+  auto walk = [&](int64_t lo, int64_t hi) {
+    Prefetcher pf(p, table, lo + ahead, hi, 2 * h0 * D, row_lines, per_call);
+    BlockRows rows;
+    for (int64_t start = lo; start <= hi; start += rows.n) {
+      LocateKeys(p, table, start, std::min<int64_t>(block, hi - start + 1), rows);
+      for (int64_t i = 0; i < heads; ++i) {
+        HeadState& st = states[i];
+        const int64_t offset = 2 * (h0 + i) * D;
+        Scores<GT, DT>(q + i * G * D, rows, offset, G, D, p.sm_scale, s, pf);
+        Softmax(st, s, rows.n, G, p.soft_cap, alpha);
+        Accumulate<GT, DT>(st, alpha, s, rows, offset + D, G, D, pf);
+      }
+    }
+  };
+  if (p.page_mask == nullptr) {
+    walk(first, last);
+  } else {
+    const int32_t* held = p.page_mask + seq * p.pages_per_seq;
+    const int64_t PS = p.page_size, col_hi = last / PS;
+    for (int64_t c = first / PS; c <= col_hi; ++c) {
+      if (!held[c]) continue;
+      int64_t run_end = c;  // the run's last held column
+      while (run_end < col_hi && held[run_end + 1]) ++run_end;
+      const int64_t lo = std::max<int64_t>(first, c * PS);
+      const int64_t hi = std::min<int64_t>(last, (run_end + 1) * PS - 1);
+      // The walk's first keys have not been prefetched like [first, ...] above.
+      Prefetcher burst(p, table, lo, std::min(hi, lo + ahead - 1), 2 * h0 * D, row_lines,
+                       row_lines);
+      for (int64_t j = 0; j < ahead; ++j) burst.Step();
+      walk(lo, hi);
+      c = run_end;
     }
   }
   for (int64_t i = 0; i < heads; ++i) {
@@ -315,6 +345,9 @@ void AttendOne(const Problem& p, int64_t t, int64_t h0, int64_t h1) {
       const HeadState& st = states[i];
       const float inv = st.l[g] > 0.0f ? 1.0f / st.l[g] : 0.0f;
       for (int64_t d = 0; d < D; ++d) out[(i * G + g) * D + d] = st.acc[g][d] * inv;
+      if (p.lse != nullptr && st.l[g] > 0.0f) {
+        p.lse[t * hq + (h0 + i) * G + g] = st.m[g] + std::log(st.l[g]);
+      }
     }
   }
 }
@@ -342,11 +375,11 @@ AttendFn Specialised(int64_t group, int64_t head_dim) {
   return AttendOne<0, 0>;
 }
 
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> pages,
-                  ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
-                  ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
-                  ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
-                  int32_t window) {
+ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> pages,
+               ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
+               ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
+               const int32_t* page_mask, float* out_data, float* lse, float sm_scale,
+               float soft_cap, int32_t window) {
   const auto qd = q.dimensions(), pd = pages.dimensions(), td = page_indices.dimensions();
   if (qd.size() != 3 || pd.size() != 4 || td.size() != 2) {
     return ffi::Error::InvalidArgument("ragged paged attention: unexpected ranks");
@@ -361,7 +394,9 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   p.pages = pages.typed_data();
   p.kv_lens = kv_lens.typed_data();
   p.page_indices = page_indices.typed_data();
-  p.out = out->typed_data();
+  p.page_mask = page_mask;
+  p.out = out_data;
+  p.lse = lse;
   p.num_pages = pd[0];
   p.page_size = pd[1];
   p.num_kv_heads = hkv;
@@ -400,6 +435,30 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> pages,
+                  ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
+                  ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
+                  ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
+                  int32_t window) {
+  return Run(pool, q, pages, kv_lens, page_indices, cu_q_lens, num_seqs, nullptr,
+             out->typed_data(), nullptr, sm_scale, soft_cap, window);
+}
+
+ffi::Error AttendLocal(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                       ffi::Buffer<ffi::F32> pages, ffi::Buffer<ffi::S32> kv_lens,
+                       ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
+                       ffi::Buffer<ffi::S32> num_seqs, ffi::Buffer<ffi::S32> page_mask,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                       float sm_scale, float soft_cap, int32_t window) {
+  if (q.dimensions().size() != 3 || page_mask.element_count() != page_indices.element_count() ||
+      lse->element_count() != q.dimensions()[0] * q.dimensions()[1]) {
+    return ffi::Error::InvalidArgument("ragged paged attention: page_mask/lse shapes");
+  }
+  return Run(pool, q, pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+             page_mask.typed_data(), out->typed_data(), lse->typed_data(), sm_scale,
+             soft_cap, window);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveRaggedPagedAttention, Attend,
@@ -411,6 +470,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveRaggedPagedAttention, Attend,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int32_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshserveRaggedPagedAttentionLocal, AttendLocal,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")

@@ -122,7 +122,6 @@ def ragged_paged_attention(
       with return_lse (out in float32, lse float32[T, num_q_heads], kv_pages), where a row
       that saw no key (no held page in its range, or padding) has out 0 and lse MASK_VALUE
       (finite, so a merge never computes inf - inf; merge_partials gives it weight 0).
-      The C++ CPU kernel has no such path: impl "cpu" runs the reference for it.
     """
     validation.validate_static(
         q,
@@ -142,8 +141,7 @@ def ragged_paged_attention(
     which = resolve_impl(impl)
     if which in INTERPRETED:
         which, interpret = INTERPRETED[which], interpret or True
-    if which == "cpu" and (return_lse or (impl in (None, "auto")
-                                          and not cpu_kernel.supports(q, kv_pages))):
+    if which == "cpu" and impl in (None, "auto") and not cpu_kernel.supports(q, kv_pages):
         which = "reference"
     backend = jax.default_backend()
     if which in _BACKEND_OF_IMPL and not interpret and backend not in _BACKEND_OF_IMPL[which]:
