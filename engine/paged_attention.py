@@ -141,12 +141,11 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
     """One device of a KV split: write the tokens whose pages it owns, attend every query
     over the keys it holds, then merge the partials of all `ways` devices exactly.
 
-    The selected kernel's page-mask + log-sum-exp path does the local part (the C++ CPU
-    kernel has none: "cpu" runs the reference there). With `split_tokens` each device
-    holds 1/ways of the step's tokens: one all-gather of q|k|v brings all of them, and one
-    all-to-all sends each device the partials (out | lse) of its own tokens, which it
-    merges. Otherwise q/k/v arrive whole and one all-gather of (out | lse) lets every
-    device merge all tokens."""
+    The selected kernel's page-mask + log-sum-exp path does the local part. With
+    `split_tokens` each device holds 1/ways of the step's tokens: one all-gather of q|k|v
+    brings all of them, and one all-to-all sends each device the partials (out | lse) of
+    its own tokens, which it merges. Otherwise q/k/v arrive whole and one all-gather of
+    (out | lse) lets every device merge all tokens."""
     if split_tokens:
         hq, hkv = q.shape[2], k.shape[2]
         qkv = jax.lax.all_gather(jnp.concatenate([q, k, v], axis=2), axis, axis=1, tiled=True)

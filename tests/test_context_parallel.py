@@ -107,9 +107,9 @@ def reference():
     return out
 
 
-def _engine(layout: str) -> Engine:
+def _engine(layout: str, impl: str = "reference") -> Engine:
     model = init_random(TINY, make_mesh(parse_layout(layout)), jnp.float32, seed=0)
-    return Engine(model, CONFIG, attention_impl="reference")
+    return Engine(model, CONFIG, attention_impl=impl)
 
 
 def _run(engine: Engine):
@@ -144,6 +144,16 @@ def test_split_kv_outputs_equal_one_device(layout, reference):
     for (tokens, top), (want_tokens, want_top) in zip(mixed, reference[1], strict=True):
         assert tokens == want_tokens
         np.testing.assert_allclose(top, want_top, rtol=1e-4, atol=1e-4)
+    engine.shutdown()
+
+
+def test_split_kv_on_the_cpu_kernel_equals_one_device(reference):
+    """The C++ kernel's page-mask + lse path does each device's local part."""
+    engine = _engine("sequence=2", "cpu")
+    (long_tokens, long_top), mixed = _run(engine)
+    assert long_tokens == reference[0][0]
+    np.testing.assert_allclose(long_top, reference[0][1], rtol=1e-4, atol=1e-4)
+    assert [tokens for tokens, _ in mixed] == [tokens for tokens, _ in reference[1]]
     engine.shutdown()
 
 
