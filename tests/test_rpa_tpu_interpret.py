@@ -289,6 +289,28 @@ def test_tpu_kernel_page_mask_partials_merge_to_the_reference(name, ways):
     check_partials(batch, run, F32_ATOL, ways, **options)
 
 
+def test_tpu_kernel_page_mask_path_has_no_races():
+    """Two cores on the parallel head dimension, the fused write skipping other devices'
+    pages and the reads walking the held-page lists."""
+    batch = random_ragged_batch(
+        [(9, 40), (1, 33), (6, 6), (1, 17)], num_q_heads=16, num_kv_heads=8, head_dim=32,
+        page_size=8, num_tokens=24, max_seqs=4, pages_per_seq=6, seed=7,
+    )
+    races = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2, random_seed=2)
+
+    def run(page_mask, params=None):
+        return ragged_paged_attention_tpu(
+            *batch.args(), interpret=params or pltpu.InterpretParams(), page_mask=page_mask,
+            return_lse=True,
+            sliding_window=20, num_queries_per_block=8, num_kv_pages_per_block=2,
+            num_kv_heads_per_block=4,
+        )
+
+    jax.block_until_ready(run(batch.args()[5] % 2 == 1, races))
+    assert tpu_interpreter.races is not None and not tpu_interpreter.races.races_found
+    check_partials(batch, run, F32_ATOL, 2, sliding_window=20)
+
+
 def test_dispatch_runs_tpu_kernel_lse_path_bf16():
     *_, options, blocks = CASES["chunked_gqa4_ps32"]
     batch = make_batch("chunked_gqa4_ps32", dtype=jnp.bfloat16, seed=6)
