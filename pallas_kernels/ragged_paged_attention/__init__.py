@@ -2,7 +2,8 @@
 
 ``ragged_paged_attention`` dispatches to the TPU kernel, the GPU kernel, the C++ CPU kernel
 or the pure-JAX reference (see ``dispatch``). ``write_kv_pages`` only writes the step's new
-K/V into pages.
+K/V into pages. With ``page_mask`` and ``return_lse`` every backend computes one device's
+part of context-parallel attention (``reference.merge_partials`` merges the parts).
 """
 
 from meshserve.pallas_kernels.ragged_paged_attention.cpu_kernel import ragged_paged_attention_cpu

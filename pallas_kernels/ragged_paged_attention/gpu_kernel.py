@@ -13,6 +13,8 @@ masked store. Padding rows are never stored by any program and are zeroed afterw
 
 Only pages inside each pair's causal / sliding-window range are read; page-table slots past
 the range are replaced by the pair's first page (which its sequence owns) and masked.
+With a page mask (context parallelism) a program walks its slice of the sequence's
+held-page list (``reference.local_page_lists``) and also stores each row's log-sum-exp.
 """
 
 from __future__ import annotations

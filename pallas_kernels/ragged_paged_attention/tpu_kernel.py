@@ -19,6 +19,11 @@ Per grid step:
 The pages input is aliased to the pages output (in-place update when the caller donates).
 Only pages inside each pair's causal / sliding-window range are ever DMA'd.
 
+With a page mask (context parallelism: this device holds some of each sequence's pages)
+step 1 skips tokens on pages it does not hold, step 2 walks the pair's slice of the
+sequence's held-page list (``reference.local_page_lists``) instead of table columns, and
+the output is f32 plus a log-sum-exp per row, so partials merge exactly.
+
 Written for TPU interpret mode as well as Mosaic: refs are never reshaped and there are no
 masked ``pltpu.store`` calls (state updates are plain stores of ``where``-merged values).
 q and out use a [num_kv_heads, T * group, head_dim] layout so a kv head's query rows are one
