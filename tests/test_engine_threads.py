@@ -1,5 +1,6 @@
 """The engine thread owns the scheduler: add_request, abort and stats from many threads
-at once against a running engine keep every invariant."""
+at once against a running engine keep every invariant, and only the engine thread ever
+touches the scheduler's lists."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ WORKERS = 4
 REQUESTS_PER_WORKER = 40
 
 
+def _watched(seen: set[str]) -> type:
+    """A list type that records the names of the threads that read or change it."""
+    def wrap(name: str):
+        base = getattr(list, name)
+
+        def method(self, *args, **kwargs):
+            seen.add(threading.current_thread().name)
+            return base(self, *args, **kwargs)
+        return method
+
+    names = ("__iter__", "__len__", "__getitem__", "__contains__", "append", "remove",
+             "sort", "pop", "insert", "index")
+    return type("Watched", (list,), {name: wrap(name) for name in names})
+
+
 def _check(stats, limit_running: int) -> None:
     assert 0 <= stats.free_pages <= stats.total_pages
     assert 0 <= stats.running <= limit_running and stats.waiting >= 0
@@ -23,7 +39,13 @@ def _check(stats, limit_running: int) -> None:
 
 
 def test_add_abort_and_stats_from_many_threads(checkpoint_dir):
-    engine = make_engine(checkpoint_dir("llama"), "", SMALL).start()
+    engine = make_engine(checkpoint_dir("llama"), "", SMALL)
+    touched: set[str] = set()  # threads that used the scheduler's lists
+    watched = _watched(touched)
+    sched = engine.scheduler
+    sched.waiting = watched(sched.waiting)
+    sched.running = watched(watched(r) for r in sched.running)
+    engine.start()
     limit_running = SMALL.max_seqs * engine.data_shards
     errors: list[BaseException] = []
     accepted: list[int] = []  # per worker: requests the engine took
@@ -105,6 +127,7 @@ def test_add_abort_and_stats_from_many_threads(checkpoint_dir):
                 break
             threading.Event().wait(0.05)
         assert st.finished == sum(accepted) + WORKERS
+        assert touched == {"meshserve-engine"}  # the owner only, whatever the others did
     finally:
         engine.shutdown()
     assert_idle(engine)
