@@ -288,11 +288,6 @@ class Engine:
         with self._lock:
             self._snap = snap
 
-    def _owns_scheduler(self) -> bool:
-        """The engine thread, or any caller of step() while there is none."""
-        t = self._thread
-        return t is None or t is threading.current_thread() or not t.is_alive()
-
     def _observe(self, phase: str, since: float) -> float:
         now = time.perf_counter()
         if self.step_observer is not None:
@@ -494,7 +489,8 @@ class Engine:
         with self._lock:
             live = list(self._live.values())
             self._inbox.clear()
-            owner = self._owns_scheduler()
+            t = self._thread  # the owner: the engine thread, else any caller of step()
+            owner = t is None or t is threading.current_thread() or not t.is_alive()
         for seq, handle in live:
             if not owner:
                 handle.put(StreamChunk(seq.request_id, (), "", finish_reason=reason,
