@@ -18,7 +18,8 @@ Checked at the end (exit status 1 when one fails):
   DEADLINE_EXCEEDED (HTTP: the client's timeout) - nothing else (no RESOURCE_EXHAUSTED,
   UNAVAILABLE, INTERNAL, HTTP 5xx...);
 - every KV page is free and nothing runs or waits (GetServerInfo, polled for a while:
-  aborted requests free their pages on the engine's next step);
+  aborted requests free their pages on the engine's next step; and the HTTP /metrics
+  gauge meshserve_kv_free_pages agrees);
 - the server's resident memory (VmRSS) grew less than --max-rss-growth between the
   --rss-baseline-at-th finished request and the last; the server is still alive.
 Prints a table, then the results as one JSON line (also written to --out).
@@ -247,14 +248,21 @@ async def soak(a, target: str, http_url: str | None, pid: int | None) -> dict:
         await asyncio.gather(*(one(s) for s in specs))
         wall = time.perf_counter() - t0
         pages = await idle_pages(stub, pb, a.idle_wait)
+        if http_url:  # the same figure as Prometheus scrapes it
+            async with session.get(http_url + "/metrics") as r:
+                text = await r.text()
+            pages["metrics_free_pages"] = sum(
+                float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("meshserve_kv_free_pages{"))
         if pid is not None:
             rss["last"] = rss_bytes(pid)
             series.append((done, rss["last"]))
     bad = sum(n for (_, kind, code), n in tally.items() if code not in EXPECTED[kind])
+    total = sum(s["total_pages"] for s in pages["slices"])
     growth = (rss["last"] - rss["baseline"]) / rss["baseline"] if "baseline" in rss else None
     checks = {
         "only_expected_outcomes": bad == 0,
-        "all_pages_free": pages["idle"],
+        "all_pages_free": pages["idle"] and pages.get("metrics_free_pages", total) == total,
         "rss_growth_below_limit": growth is not None and growth < a.max_rss_growth,
     }
     return {
