@@ -23,15 +23,14 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import ssl
-import tempfile
 import time
 import uuid
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meshserve.engine.step_tls import server_context
 from meshserve.serving import logs
 from meshserve.serving import openai_protocol as oa
 from meshserve.serving.auth import bearer_matches
@@ -46,23 +45,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 
 def server_ssl_context(cert: bytes, key: bytes, client_ca: bytes | None) -> ssl.SSLContext:
     """TLS (and with client_ca, mutual TLS) from the PEM bytes the gRPC server uses."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # ssl reads a certificate chain only from files: a private folder, removed at once.
-    with tempfile.TemporaryDirectory(prefix="meshserve-tls-") as folder:
-        os.chmod(folder, 0o700)
-        paths = []
-        for name, data in (("cert.pem", cert), ("key.pem", key)):
-            path = os.path.join(folder, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            paths.append(path)
-        ctx.load_cert_chain(*paths)
-    if client_ca is not None:
-        ctx.load_verify_locations(cadata=client_ca.decode("ascii"))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return server_context(cert, key, client_ca)
 
 
 def _sse(obj) -> bytes:
