@@ -4,6 +4,8 @@ in chunks with its tokens split over `sequence` and its KV landing round-robin o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,46 @@ def test_long_prompt_matches_transformers(layout, checkpoint, expected):
     assert tokens_of(out) == want_tokens
     assert_idle(engine)
     engine.shutdown()
+
+
+@pytest.mark.parametrize("ways,window,page_size,q_lens", [
+    (2, None, 4, (37, 1, 3, 1)),  # mixed: a prefill chunk beside decodes
+    (4, None, 4, (1, 1, 1, 1)),  # decode-shaped: one query per sequence
+    (3, 20, 4, (37, 1, 3, 1)),  # sliding window
+    (2, None, 128, (200, 1, 3, 1)),  # pages bigger than a key block (sub-pages)
+])
+def test_local_partials_merge_to_the_full_attention(ways, window, page_size, q_lens):
+    """Each device attends over only the pages it holds (local rows p // ways of a table
+    in any order): the partials merge to the reference over all pages. Pages nobody uses
+    are NaN: no device reads a page outside its sequences' causal ranges."""
+    from meshserve.engine.context_parallel import local_partial_attention
+    from meshserve.pallas_kernels.ragged_paged_attention.reference import (
+        merge_partials,
+        paged_attention_from_pages,
+    )
+
+    hq, hkv, d, per_seq = 4, 2, 8, 13
+    num_pages = 60 * ways
+    q_lens = np.array(q_lens)
+    kv_lens = jnp.asarray(q_lens + np.array([0, 40, 47, 8]) * page_size // 4, jnp.int32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    table = jnp.asarray(np.random.default_rng(2).permutation(num_pages)[: 4 * per_seq]
+                        .reshape(4, per_seq), jnp.int32)
+    used = {int(table[s, c]) for s in range(4) for c in range(-(-int(kv_lens[s]) // page_size))}
+    pages = jax.random.normal(jax.random.PRNGKey(1), (num_pages, page_size, 2 * hkv, d))
+    unused = jnp.asarray([p not in used for p in range(num_pages)])
+    pages = jnp.where(unused[:, None, None, None], jnp.nan, pages)
+    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + 3, hq, d))  # 3 padding rows
+    n = jnp.array([4], jnp.int32)
+    full = jax.jit(functools.partial(
+        paged_attention_from_pages, sm_scale=None, sliding_window=window, soft_cap=None,
+        block_q=None, keys_per_block=None))(q, pages, kv_lens, table, cu, n)
+    attend = jax.jit(functools.partial(local_partial_attention, ways=ways,
+                                       sliding_window=window))
+    parts = [attend(q, pages[w::ways], kv_lens, table, cu, n, index=jnp.int32(w))
+             for w in range(ways)]
+    merged = merge_partials(jnp.stack([o for o, _ in parts]), jnp.stack([lse for _, lse in parts]))
+    assert not np.isnan(np.asarray(merged)).any()
+    np.testing.assert_allclose(merged, full, rtol=2e-5, atol=2e-6)
+    # a device attends over its own pages only: its partial differs from the whole
+    assert not np.allclose(parts[0][0][: int(cu[-1])], full[: int(cu[-1])], atol=1e-3)
