@@ -134,3 +134,15 @@ def test_local_partials_merge_to_the_full_attention(ways, window, page_size, q_l
     np.testing.assert_allclose(merged, full, rtol=2e-5, atol=2e-6)
     # a device attends over its own pages only: its partial differs from the whole
     assert not np.allclose(parts[0][0][: int(cu[-1])], full[: int(cu[-1])], atol=1e-3)
+
+
+def test_ring_and_all_gather_prefill_agree_and_move_the_documented_bytes():
+    """tools/bench_ring.py's two ways of one chunk's attention give the same outputs; the
+    all-gather moves q|k|v and the partials, the ring S - 1 rounds of K/V permutes."""
+    from meshserve.tools.bench_ring import measure
+
+    rows = {r["method"]: r for r in measure(256, 4, head_dim=16, repeats=1)}
+    assert rows["gather"]["collectives"] == {"all-gather": 1, "all-to-all": 1}
+    assert rows["gather"]["bytes_per_token"] == (4 + 2 * 2) * 16 * 4 + 4 * 17 * 4
+    assert rows["ring"]["collectives"] == {"collective-permute": 2 * 3}  # k and v, 3 rounds
+    assert rows["ring"]["wire_bytes_per_token"] == 3 / 4 * 2 * 2 * 16 * 4
