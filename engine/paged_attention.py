@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from meshserve.engine.context_parallel import local_partial_attention
 from meshserve.meshes import ShardingRules
 from meshserve.models.config import ModelConfig
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
 from meshserve.pallas_kernels.ragged_paged_attention.reference import (
     merge_partials,
-    paged_attention_from_pages,
     write_kv_pages,
 )
 
@@ -145,10 +145,11 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
     """One device of a KV split: write the tokens whose pages it owns, attend every query
     over the keys it holds, then merge the partials of all `ways` devices exactly.
 
-    The kernels do not return a log-sum-exp yet, so this runs the pure-JAX reference on
-    each device. With `split_tokens` each device holds 1/ways of the step's tokens: one
-    all-gather of q|k|v brings all of them, and one all-to-all sends each device the
-    partials (out | lse) of its own tokens, which it merges. Otherwise q/k/v arrive
+    The kernels do not return a log-sum-exp yet, so each device runs the pure-JAX
+    `context_parallel.local_partial_attention`, which visits only its own pages. With
+    `split_tokens` each device holds 1/ways of the step's tokens: one all-gather of
+    q|k|v brings all of them, and one all-to-all sends each device the partials
+    (out | lse) of its own tokens, which it merges. Otherwise q/k/v arrive
     whole and one all-gather of (out | lse) lets every device merge all tokens."""
     if split_tokens:
         hq, hkv = q.shape[2], k.shape[2]
@@ -161,10 +162,9 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
     # Pages of other devices get an out-of-range id: kv_slot_mapping drops their writes.
     write = jnp.where(owned, local, pages.shape[0])
     pages = write_kv_pages(k, v, pages, kv_lens, write, cu_q_lens, num_seqs)
-    out, lse = paged_attention_from_pages(
-        q, pages, kv_lens, jnp.where(owned, local, 0), cu_q_lens, num_seqs,
-        sm_scale=None, sliding_window=window, soft_cap=None, block_q=None,
-        keys_per_block=None, page_mask=owned, return_lse=True,
+    out, lse = local_partial_attention(
+        q, pages, kv_lens, table, cu_q_lens, num_seqs, ways=ways,
+        index=jax.lax.axis_index(axis), sliding_window=window,
     )
     packed = jnp.concatenate([out, lse[..., None]], axis=-1)
     if split_tokens:  # [ways, T/ways, ...]: row d goes to device d, which gets its tokens
