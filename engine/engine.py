@@ -248,8 +248,8 @@ class Engine:
             self._lock.notify_all()
         if self.watchdog is not None:
             self.watchdog.stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is not None:  # a hung device call may never return: no wait
+            self._thread.join(0 if self.watchdog and self.watchdog.failure else timeout)
         self._fail_all("the engine shut down", reason="abort")
 
     def generate(

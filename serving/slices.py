@@ -3,7 +3,9 @@
 `--slices N` splits the devices into N equal groups; each group gets its own mesh, its
 own copy of the weights and its own engine with its own batch and KV pages. Requests
 go to a healthy slice chosen by load and, with the prefix cache, by the prompt prefix
-it already holds (serving/routing.py); a slice whose engine died is skipped.
+it already holds (serving/routing.py); a slice whose engine died, or whose step hung
+past the engine's step watchdog (engine/watchdog.py, `--step-timeout`), is skipped, and
+serving/core.py fails the requests it held over to the others.
 """
 
 from __future__ import annotations
