@@ -103,7 +103,7 @@ def test_hung_slice_fails_streams_over_and_leaves_rotation(two_slices):
         with channel, concurrent.futures.ThreadPoolExecutor(4) as pool:
             # The busy slice Y: a long prompt keeps its load above the other's, so the
             # requests below are all routed to X.
-            busy = stub.Generate(request(token_ids=long_ids, max_tokens=100, ignore_eos=True))
+            busy = stub.Generate(request(token_ids=long_ids, max_tokens=150, ignore_eos=True))
             assert next(busy).token_ids
             y = next(s for s in model.slices if s.inflight_requests)
             x = next(s for s in model.slices if s is not y)
@@ -130,7 +130,7 @@ def test_hung_slice_fails_streams_over_and_leaves_rotation(two_slices):
                 assert "did not finish within 1s" in e.details()
             print(f"\nUNAVAILABLE {unavailable_after:.3f}s after the step hung "
                   f"(--step-timeout {STEP_TIMEOUT_S:g}s)")
-            assert unavailable_after < STEP_TIMEOUT_S + 1.0
+            assert unavailable_after < STEP_TIMEOUT_S + 2.0
             # What streamed before the failure, once each and in order.
             assert got == expect_streamed[:len(got)]
             # The unstarted requests completed on Y with the same tokens as on any slice.
@@ -138,7 +138,7 @@ def test_hung_slice_fails_streams_over_and_leaves_rotation(two_slices):
                 rs = f.result(timeout=30)
                 assert tokens_of(rs) == expect[tuple(ids)]
                 assert rs[-1].slice == y.index and rs[-1].finish_reason == "length"
-            assert len(tokens_of(busy)) == 99  # Y untouched
+            assert len(tokens_of(busy)) == 149  # Y untouched
             registry = server.server.metrics.registry
             assert registry.get_sample_value("meshserve_requests_retried_total",
                                              {"slice": str(x.index)}) == 2
@@ -181,7 +181,7 @@ def test_a_compiling_step_gets_the_compile_bound(demo_ckpt):  # noqa: F811
     the same stall on a shape seen before fails it."""
     from tests.engine_fixtures import make_engine
 
-    cfg = dataclasses.replace(SERVING_CONFIG, step_timeout=0.5, compile_timeout=30.0)
+    cfg = dataclasses.replace(SERVING_CONFIG, step_timeout=0.5, compile_timeout=120.0)
     engine = make_engine(demo_ckpt, config=cfg)
     seen, stall = set(), threading.Event()
 
