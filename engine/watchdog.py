@@ -52,6 +52,10 @@ class StepWatchdog:
         self._deadline: float | None = None
         self._limit = step_timeout
         self._stopped = False
+        # When the watching thread wakes by itself (a deadline it sleeps to, inf while no
+        # window is open): a window is signalled only if its deadline comes earlier, so
+        # steps do not wake the thread one by one.
+        self._wakes_at = float("inf")
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -73,11 +77,10 @@ class StepWatchdog:
         with self._cond:
             if self.failure is not None:
                 raise EngineDeadError(self.failure)
-            idle = self._deadline is None
             self._began = time.monotonic()
             self._limit = self.step_timeout
             self._deadline = self._began + self.step_timeout
-            if idle:
+            if self._deadline < self._wakes_at:  # else it wakes in time by itself
                 self._cond.notify_all()
         try:
             return step()
@@ -105,10 +108,12 @@ class StepWatchdog:
         with self._cond:
             while not self._stopped and self.failure is None:
                 if self._deadline is None:
+                    self._wakes_at = float("inf")
                     self._cond.wait()
                     continue
                 left = self._deadline - time.monotonic()
                 if left > 0:
+                    self._wakes_at = self._deadline
                     self._cond.wait(left)
                     continue
                 elapsed = time.monotonic() - self._began

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import threading
 import time
 import urllib.error
@@ -84,6 +85,14 @@ def _until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _completion(port: int, ids: list[int]) -> dict:
+    body = json.dumps({"prompt": ids, "max_tokens": 8, "ignore_eos": True,
+                       "return_token_ids": True}).encode()
+    r = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                               {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(r, timeout=30).read())
+
+
 def _http_health(port: int) -> int:
     try:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status
@@ -114,10 +123,11 @@ def test_hung_slice_fails_streams_over_and_leaves_rotation(two_slices):
             assert got and x.inflight_requests == 1
             faults[x.index].hang.set()
             _until(lambda: faults[x.index].hung_at is not None)
-            # Two requests routed to the hung slice: they stream nothing before it fails.
-            waiting = [pool.submit(lambda ids: list(stub.Generate(request(
-                token_ids=ids, max_tokens=8, ignore_eos=True), timeout=30)), ids)
-                for ids in queued]
+            # Two requests routed to the hung slice, by gRPC and by HTTP: they stream
+            # nothing before it fails.
+            by_grpc = pool.submit(lambda: list(stub.Generate(request(
+                token_ids=queued[0], max_tokens=8, ignore_eos=True), timeout=30)))
+            by_http = pool.submit(_completion, server.server.http_port, queued[1])
             _until(lambda: x.inflight_requests == 3)
             try:
                 for r in streamed:
@@ -134,10 +144,12 @@ def test_hung_slice_fails_streams_over_and_leaves_rotation(two_slices):
             # What streamed before the failure, once each and in order.
             assert got == expect_streamed[:len(got)]
             # The unstarted requests completed on Y with the same tokens as on any slice.
-            for ids, f in zip(queued, waiting, strict=True):
-                rs = f.result(timeout=30)
-                assert tokens_of(rs) == expect[tuple(ids)]
-                assert rs[-1].slice == y.index and rs[-1].finish_reason == "length"
+            rs = by_grpc.result(timeout=30)
+            assert tokens_of(rs) == expect[tuple(queued[0])]
+            assert rs[-1].slice == y.index and rs[-1].finish_reason == "length"
+            choice = by_http.result(timeout=30)["choices"][0]
+            assert choice["token_ids"] == expect[tuple(queued[1])]
+            assert choice["finish_reason"] == "length"
             assert len(tokens_of(busy)) == 149  # Y untouched
             registry = server.server.metrics.registry
             assert registry.get_sample_value("meshserve_requests_retried_total",
