@@ -37,6 +37,7 @@ from meshserve.engine.scheduler import Scheduler, StepPlan
 from meshserve.engine.sequence import Sequence, Status
 from meshserve.engine.snapshot import engine_stats, take_snapshot
 from meshserve.engine.step import StepFunctions, StepInputs, StepOutputs
+from meshserve.engine.watchdog import StepWatchdog
 from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel
 from meshserve.models.tokenizer import Tokenizer
@@ -122,6 +123,8 @@ class Engine:
         # and batch arrays), "transfer" (inputs to the devices), "dispatch" (launching the
         # program), "device_wait" (blocked on the results), "results" (applying them).
         self.step_observer: Callable[[str, float], None] | None = None
+        self.watchdog = (StepWatchdog(self, cfg.step_timeout, cfg.compile_timeout)
+                         if cfg.step_timeout is not None else None)
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -226,14 +229,18 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="meshserve-engine", daemon=True)
             self._thread.start()
+            if self.watchdog is not None:
+                self.watchdog.start()
         return self
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self._thread is not None:  # a hung device call may never return: no wait
+            self._thread.join(0 if self.watchdog and self.watchdog.failure else timeout)
         self._fail_all("the engine shut down", reason="abort")
 
     def generate(
@@ -297,6 +304,9 @@ class Engine:
     def step(self) -> bool:
         """Read the results of one device call (launching it first unless it was chained
         behind the previous one). False when there is no work."""
+        return self._step() if self.watchdog is None else self.watchdog.watched(self._step)
+
+    def _step(self) -> bool:
         started = time.perf_counter()
         self._drain_inbox()
         if self._chained is None:
@@ -350,13 +360,15 @@ class Engine:
     def _run(self, inputs: StepInputs, decode: bool, prev=None) -> StepOutputs:
         """Launch one call on the engine's state (StepFunctions.run says what `prev` is)."""
         started = time.perf_counter()
+        tokens, seqs = np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1]
+        if self.watchdog is not None:
+            self.watchdog.launching((bool(decode), tokens, seqs))
         placed = self._put(inputs)
         started = self._observe("transfer", started)
         self._kv, self._counts, self._seen, out = self._fns.run(
             self._kv, self._counts, self._seen, placed, decode, prev
         )
         self._observe("dispatch", started)
-        tokens, seqs = np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1]
         self.program_calls[decode, tokens, seqs] += 1
         if self._compiles_at_warmup is not None:
             fresh = self.compiles - self._compiles_at_warmup - self.compiles_after_warmup

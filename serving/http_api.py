@@ -150,6 +150,16 @@ class OpenAIServer:
                               code="invalid") from None
         if not isinstance(body, dict):
             raise oa.ApiError(400, "the body must be a JSON object", code="invalid")
+        try:
+            # JSON's \u escapes can spell lone surrogates, which are no text: no protobuf
+            # string (nor tokenizer) takes them.
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise oa.ApiError(400, "the body holds a string that is not valid Unicode (a lone "
+                              "surrogate \\uD800-\\uDFFF escape)", code="invalid") from None
+        except (ValueError, RecursionError) as e:
+            raise oa.ApiError(400, f"the body is not valid JSON: {e}"[:200],
+                              code="invalid") from None
         return body
 
     def _parse(self, body: dict, chat: bool) -> oa.ApiRequest:
@@ -173,6 +183,9 @@ class OpenAIServer:
         self._active += 1
         try:
             try:
+                if not rid.isascii():  # aiohttp decodes other header bytes as surrogates
+                    raise oa.ApiError(400, f"the {REQUEST_ID_HEADER} header must be 1-128 "
+                                      "printable ASCII characters", code="invalid")
                 api = self._parse(await self._body(request), chat)
             except oa.ApiError as e:
                 self.core.reject(INVALID, "invalid", e.message, rid, peer, "http")

@@ -43,11 +43,12 @@ def define_flags() -> None:
     d.DEFINE_float("heartbeat_timeout", 10.0, "A process silent this long on the step "
                    "channel counts as dead (heartbeats go every fifth of it).",
                    lower_bound=0.1)
-    d.DEFINE_float("step_timeout", 60.0, "A step not finished in this many seconds fails "
-                   "the group (a hung process, or a collective blocked on a dead one).",
-                   lower_bound=0.1)
-    d.DEFINE_float("compile_timeout", 900.0, "The step timeout for the first step of each "
-                   "shape, which compiles.", lower_bound=0.1)
+    d.DEFINE_float("step_timeout", 60.0, "A device step not finished in this many seconds "
+                   "fails its slice: it leaves rotation and its streams end UNAVAILABLE "
+                   "(multi-host: the group fails; a hung process, or a collective blocked "
+                   "on a dead one).", lower_bound=0.1)
+    d.DEFINE_float("compile_timeout", 900.0, "The step timeout for a step that launches a "
+                   "shape for the first time, which compiles.", lower_bound=0.1)
     d.DEFINE_integer("step_channel_port", None, "Port of the leader's step channel "
                      "(default: the coordinator's port + 1).", lower_bound=0)
     d.DEFINE_string("multihost_secret_file", None, "Shared secret authenticating the step "
