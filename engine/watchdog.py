@@ -26,8 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from meshserve.engine.outputs import StreamChunk
-
 # (decode, tokens bucket, seqs bucket): the program a launch runs.
 ShapeKey = tuple[bool, int, int]
 
@@ -127,11 +125,9 @@ class StepWatchdog:
 
 def end_streams(engine, reason: str) -> None:
     """Fail `engine` from another thread without touching its scheduler: unhealthy from
-    now on, every live request's stream ends with an "abort" chunk carrying `reason`."""
+    now on, every live request's stream ends with an "abort" chunk carrying `reason`
+    (`Engine._fail_all`'s path for callers that do not own the scheduler)."""
     with engine._lock:
         engine.error = reason
-        live = [handle for _seq, handle in engine._live.values()]
         engine._lock.notify_all()
-    for handle in live:
-        handle.put(StreamChunk(request_id=handle.request_id, token_ids=(), text="",
-                               finish_reason="abort", error=reason))
+    engine._fail_all(reason, reason="abort")
