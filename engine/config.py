@@ -54,6 +54,11 @@ class EngineConfig:
     # One CPU device: keep the projection weights panel-packed for the C++ matmul kernel
     # (engine/packing.py), ~2x XLA:CPU's speed at decode batch sizes.
     pack_weights: bool = True
+    # Step watchdog (engine/watchdog.py; None: off): a step not finished in this many
+    # seconds fails the engine, one that launches a first-seen shape (a compile) gets
+    # compile_timeout. Multi-host leaders watch their steps themselves (engine/multihost.py).
+    step_timeout: float | None = None
+    compile_timeout: float = 900.0
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
@@ -64,6 +69,8 @@ class EngineConfig:
             raise ValueError("decode_steps must be >= 1")
         if self.cache_event_capacity < 1:
             raise ValueError("cache_event_capacity must be >= 1")
+        if (self.step_timeout is not None and self.step_timeout <= 0) or self.compile_timeout <= 0:
+            raise ValueError("step_timeout and compile_timeout must be positive")
 
     def token_buckets(self) -> tuple[int, ...]:
         return _powers_of_two(

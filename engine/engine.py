@@ -2,12 +2,14 @@
 
 `add_request` may be called from any thread; a background thread (or explicit `step()`
 calls) runs the scheduler and the compiled step, and streams chunks to each request's
-handle. See engine/API.md.
+handle. The scheduler's state belongs to that thread alone (engine/snapshot.py says how
+the others see it). See engine/API.md.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import random
@@ -24,7 +26,6 @@ import numpy as np
 from meshserve.engine.batching import build_inputs
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
-from meshserve.engine.experts import routing_stats
 from meshserve.engine.handle import RequestHandle
 from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
@@ -34,7 +35,9 @@ from meshserve.engine.prefix_cache import CacheEventLog, root_digest
 from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from meshserve.engine.scheduler import Scheduler, StepPlan
 from meshserve.engine.sequence import Sequence, Status
+from meshserve.engine.snapshot import engine_stats, take_snapshot
 from meshserve.engine.step import StepFunctions, StepInputs, StepOutputs
+from meshserve.engine.watchdog import StepWatchdog
 from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel
 from meshserve.models.tokenizer import Tokenizer
@@ -100,6 +103,7 @@ class Engine:
         self._inbox: list[Sequence] = []
         self._aborts: list[str] = []
         self._live: dict[str, tuple[Sequence, RequestHandle]] = {}
+        self._snap = take_snapshot(self.scheduler, self._expert_tokens)  # under _lock
         self._seeds = random.Random(cfg.seed)
         self._finished = 0
         self._thread: threading.Thread | None = None
@@ -119,6 +123,8 @@ class Engine:
         # and batch arrays), "transfer" (inputs to the devices), "dispatch" (launching the
         # program), "device_wait" (blocked on the results), "results" (applying them).
         self.step_observer: Callable[[str, float], None] | None = None
+        self.watchdog = (StepWatchdog(self, cfg.step_timeout, cfg.compile_timeout)
+                         if cfg.step_timeout is not None else None)
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -178,13 +184,14 @@ class Engine:
                 raise EngineDeadError(self.error or "the engine is shutting down")
             if request_id in self._live:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            waiting = [s for s in self.scheduler.waiting] + self._inbox
-            if len(waiting) >= self.config.max_waiting_requests:
+            waiting = self._snap.waiting + len(self._inbox)
+            if waiting >= self.config.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"{len(waiting)} requests are waiting "
+                    f"{waiting} requests are waiting "
                     f"(limit {self.config.max_waiting_requests})"
                 )
-            tokens = sum(s.num_tokens for s in waiting) + len(prompt)
+            tokens = self._snap.waiting_tokens + sum(s.num_tokens for s in self._inbox)
+            tokens += len(prompt)
             if tokens > self.config.max_waiting_tokens:
                 raise EngineOverloadedError(
                     f"waiting prompts would hold {tokens} tokens "
@@ -204,27 +211,14 @@ class Engine:
         return True
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
-        with self._lock:
-            waiting = list(s.waiting) + list(self._inbox)
-        running = [q for r in s.running for q in r]
-        return EngineStats(
-            running=len(running),
-            waiting=len(waiting),
-            free_pages=s.free_pages(),
-            total_pages=self.num_pages * self.data_shards,
-            preemptions=s.preemptions,
-            waiting_tokens=sum(q.num_tokens for q in waiting),
-            running_tokens=sum(q.num_tokens for q in running),
-            finished=self._finished,
-            compiles=self.compiles,
-            chained_calls=self._chained_calls,
-            compiles_after_warmup=self.compiles_after_warmup,
-            prefix_cache_queries=s.prefix_queries,
-            prefix_cache_hits=s.prefix_hits,
-            cached_pages=s.cached_pages(),
-            **routing_stats(self._expert_tokens, self.model.rules.axis_size("experts")),
-        )
+        with self._lock:  # the owner's latest snapshot, and the inbox it has not taken yet
+            snap, inbox = self._snap, self._inbox
+            inbox_tokens = sum(q.num_tokens for q in inbox)
+            return engine_stats(
+                snap, len(inbox), inbox_tokens, total_pages=self.num_pages * self.data_shards,
+                expert_devices=self.model.rules.axis_size("experts"), finished=self._finished,
+                compiles=self.compiles, chained_calls=self._chained_calls,
+                compiles_after_warmup=self.compiles_after_warmup)
 
     def cache_events(self) -> CacheEventLog | None:
         """The log of this engine's page-hash events (stored, evicted) that routers read,
@@ -235,14 +229,18 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="meshserve-engine", daemon=True)
             self._thread.start()
+            if self.watchdog is not None:
+                self.watchdog.start()
         return self
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self._thread is not None:  # a hung device call may never return: no wait
+            self._thread.join(0 if self.watchdog and self.watchdog.failure else timeout)
         self._fail_all("the engine shut down", reason="abort")
 
     def generate(
@@ -283,13 +281,19 @@ class Engine:
         with self._lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
-        for seq in new:
-            self.scheduler.add(seq)
-        for request_id in aborts:
-            entry = self._live.get(request_id)
-            if entry and entry[0].status is not Status.FINISHED:
-                self.scheduler.finish(entry[0], "abort")
-                self._emit(entry[0], entry[1])
+            for seq in new:  # under the lock: admission limits never miss these
+                self.scheduler.add(seq)
+            for entry in map(self._live.get, aborts):
+                if entry and entry[0].status is not Status.FINISHED:
+                    self.scheduler.finish(entry[0], "abort")
+                    self._emit(entry[0], entry[1])
+            self._publish()
+
+    def _publish(self) -> None:
+        """The owner shows other threads the scheduler's state (engine/snapshot.py)."""
+        snap = take_snapshot(self.scheduler, self._expert_tokens)
+        with self._lock:
+            self._snap = snap
 
     def _observe(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -300,6 +304,9 @@ class Engine:
     def step(self) -> bool:
         """Read the results of one device call (launching it first unless it was chained
         behind the previous one). False when there is no work."""
+        return self._step() if self.watchdog is None else self.watchdog.watched(self._step)
+
+    def _step(self) -> bool:
         started = time.perf_counter()
         self._drain_inbox()
         if self._chained is None:
@@ -325,6 +332,7 @@ class Engine:
         out = jax.device_get(pending)  # the one host sync per call
         applying = self._observe("device_wait", waited)
         self._apply(plan, out)
+        self._publish()
         self._observe("results", applying)
         return True
 
@@ -352,13 +360,15 @@ class Engine:
     def _run(self, inputs: StepInputs, decode: bool, prev=None) -> StepOutputs:
         """Launch one call on the engine's state (StepFunctions.run says what `prev` is)."""
         started = time.perf_counter()
+        tokens, seqs = np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1]
+        if self.watchdog is not None:
+            self.watchdog.launching((bool(decode), tokens, seqs))
         placed = self._put(inputs)
         started = self._observe("transfer", started)
         self._kv, self._counts, self._seen, out = self._fns.run(
             self._kv, self._counts, self._seen, placed, decode, prev
         )
         self._observe("dispatch", started)
-        tokens, seqs = np.shape(inputs.tokens)[1], np.shape(inputs.kv_lens)[1]
         self.program_calls[decode, tokens, seqs] += 1
         if self._compiles_at_warmup is not None:
             fresh = self.compiles - self._compiles_at_warmup - self.compiles_after_warmup
@@ -475,27 +485,30 @@ class Engine:
         )
         if finished:
             ms = lambda t: None if t is None else (t - seq.arrival) * 1e3  # noqa: E731
-            chunk = StreamChunk(
-                **{
-                    **chunk.__dict__,
-                    "finish_reason": seq.finish_reason,
-                    "usage": Usage(len(seq.prompt_ids), len(seq.output_ids),
-                                   seq.cached_tokens or 0),
-                    "queue_ms": ms(seq.first_scheduled),
-                    "ttft_ms": ms(seq.first_token),
-                    "error": error,
-                }
-            )
+            chunk = dataclasses.replace(
+                chunk, finish_reason=seq.finish_reason, error=error,
+                usage=Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens or 0),
+                queue_ms=ms(seq.first_scheduled), ttft_ms=ms(seq.first_token))
             with self._lock:
-                self._live.pop(seq.request_id, None)
-                self._finished += 1
+                if self._live.pop(seq.request_id, None) is not None:
+                    self._finished += 1
         handle.put(chunk)
 
     def _fail_all(self, message: str, reason: str) -> None:
+        """End every stream with `message`. Off the engine thread (a watchdog, while a
+        device call hangs) the scheduler is not touched: each stream gets a final chunk
+        now and nothing after it (RequestHandle drops later chunks)."""
         with self._lock:
             live = list(self._live.values())
             self._inbox.clear()
+            t = self._thread  # the owner: the engine thread, else any caller of step()
+            owner = t is None or t is threading.current_thread() or not t.is_alive()
         for seq, handle in live:
-            if seq.status is not Status.FINISHED:
+            if not owner:
+                handle.put(StreamChunk(seq.request_id, (), "", finish_reason=reason,
+                                       error=message))
+            elif seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, reason)
                 self._emit(seq, handle, error=message)
+        if owner:
+            self._publish()

@@ -12,6 +12,8 @@ over `tensor`. See docs/design.md ("Mixture of experts") for why not all-to-all.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +21,73 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from meshserve.meshes import ShardingRules
-from meshserve.models.moe import EXPERT_IN_AXES, EXPERT_OUT_AXES, ExpertsFn, grouped_experts
+from meshserve.models.moe import (
+    EXPERT_IN_AXES,
+    EXPERT_OUT_AXES,
+    ExpertsFn,
+    grouped_experts,
+    sorted_experts,
+)
 
 TOKEN_AXES = ("batch", "seq", None)
 
-# Compute per backend, all taking (x, ids, weights, gate, up, down, first_expert).
-IMPLS = ("grouped",)
+IMPL_ENV_VAR = "MESHSERVE_EXPERTS_IMPL"
+# Compute per backend, all taking (x, ids, weights, gate, up, down, first_expert):
+# the pure-JAX tiled loop (CPU), XLA's ragged_dot (GPU's grouped GEMM), Megablox gmm
+# (TPU; "megablox-interpret" runs it in the Pallas interpreter, for tests on CPU).
+IMPLS = ("grouped", "ragged_dot", "megablox", "megablox-interpret")
+DEFAULT_BY_PLATFORM = {"cpu": "grouped", "gpu": "ragged_dot", "cuda": "ragged_dot",
+                       "rocm": "ragged_dot", "tpu": "megablox"}
+
+
+def _ragged_dot(lhs, rhs, group_sizes):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _gmm_tile(dim: int, widest: int) -> int:
+    """The widest power-of-two tile (≥ 128, ≤ widest) dividing `dim`, else `dim` whole:
+    Mosaic wants lane tiles that are multiples of 128 or the full dimension."""
+    tile = widest
+    while tile >= 128:
+        if dim % tile == 0:
+            return tile
+        tile //= 2
+    return dim
+
+
+def _megablox(interpret: bool, rows: int):
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    def group_matmul(lhs, rhs, group_sizes):
+        tiling = (rows, _gmm_tile(lhs.shape[1], 512), _gmm_tile(rhs.shape[2], 512))
+        return gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32,
+                   tiling=tiling, interpret=interpret)
+
+    return group_matmul
+
+
+def expert_compute(impl: str) -> ExpertsFn:
+    """The per-device expert compute named `impl` (one of IMPLS)."""
+    if impl == "grouped":
+        return grouped_experts
+    if impl == "ragged_dot":
+        return functools.partial(sorted_experts, group_matmul=_ragged_dot)
+    if impl in ("megablox", "megablox-interpret"):
+        rows = 128  # Megablox's row tile; the sorted slots are padded to a multiple
+        return functools.partial(sorted_experts, row_multiple=rows,
+                                 group_matmul=_megablox(impl.endswith("interpret"), rows))
+    raise ValueError(f"unknown experts implementation {impl!r}; choose from {IMPLS}")
+
+
+def default_impl(mesh: Mesh) -> str:
+    """$MESHSERVE_EXPERTS_IMPL, else the mesh's platform's grouped GEMM."""
+    chosen = os.environ.get(IMPL_ENV_VAR, "").strip()
+    if chosen:
+        if chosen not in IMPLS:
+            raise ValueError(f"{IMPL_ENV_VAR}={chosen!r}: choose from {IMPLS}")
+        return chosen
+    platform = mesh.devices.flat[0].platform
+    return DEFAULT_BY_PLATFORM.get(platform, "grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +103,10 @@ class ExpertParallel:
     compute: ExpertsFn = grouped_experts
 
     @classmethod
-    def create(cls, rules: ShardingRules) -> ExpertParallel:
+    def create(cls, rules: ShardingRules, compute: ExpertsFn = grouped_experts
+               ) -> ExpertParallel:
         return cls(
+            compute=compute,
             mesh=rules.mesh,
             w_in=rules.spec(EXPERT_IN_AXES),
             w_out=rules.spec(EXPERT_OUT_AXES),
@@ -71,9 +136,10 @@ class ExpertParallel:
         )(x, expert_ids, weights, gate, up, down)
 
 
-def experts_backend(rules: ShardingRules) -> ExpertsFn:
-    """The expert compute for a model placed with `rules`."""
-    return ExpertParallel.create(rules)
+def experts_backend(rules: ShardingRules, impl: str | None = None) -> ExpertsFn:
+    """The expert compute for a model placed with `rules`: `impl` (default: by platform,
+    see `default_impl`) on each device's own experts."""
+    return ExpertParallel.create(rules, expert_compute(impl or default_impl(rules.mesh)))
 
 
 class RoutingCounter:

@@ -21,10 +21,15 @@ class RequestHandle:
         self._queue: queue.SimpleQueue[StreamChunk] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_queue: asyncio.Queue[StreamChunk] | None = None
+        self._closed = False
 
     def put(self, chunk: StreamChunk) -> None:
-        """Called by the engine thread."""
+        """Called by the engine (any chunk after the finished one is dropped: a stream a
+        failure ended from another thread stays ended)."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = chunk.finished
             if self._loop is None:
                 self._queue.put(chunk)
                 return

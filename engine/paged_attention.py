@@ -14,10 +14,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from meshserve.engine.context_parallel import local_partial_attention
 from meshserve.meshes import ShardingRules
 from meshserve.models.config import ModelConfig
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention, resolve_impl
-from meshserve.pallas_kernels.ragged_paged_attention.reference import merge_partials
+from meshserve.pallas_kernels.ragged_paged_attention.dispatch import chosen_impl
+from meshserve.pallas_kernels.ragged_paged_attention.reference import (
+    merge_partials,
+    write_kv_pages,
+)
 
 # Pages of all data shards in one axis: shard d owns rows [d*N, (d+1)*N) and its page
 # tables hold local ids. Each device then sees exactly the [N, ...] array the kernels
@@ -141,11 +146,13 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
     """One device of a KV split: write the tokens whose pages it owns, attend every query
     over the keys it holds, then merge the partials of all `ways` devices exactly.
 
-    The selected kernel's page-mask + log-sum-exp path does the local part. With
-    `split_tokens` each device holds 1/ways of the step's tokens: one all-gather of q|k|v
-    brings all of them, and one all-to-all sends each device the partials (out | lse) of
-    its own tokens, which it merges. Otherwise q/k/v arrive whole and one all-gather of
-    (out | lse) lets every device merge all tokens."""
+    The local part is the selected kernel's page-mask + log-sum-exp path, or where the
+    reference would run, the pure-JAX `context_parallel.local_partial_attention`, which
+    visits only the device's own pages. With `split_tokens` each device holds 1/ways of
+    the step's tokens: one all-gather of q|k|v brings all of them, and one all-to-all
+    sends each device the partials (out | lse) of its own tokens, which it merges.
+    Otherwise q/k/v arrive whole and one all-gather of (out | lse) lets every device
+    merge all tokens."""
     if split_tokens:
         hq, hkv = q.shape[2], k.shape[2]
         qkv = jax.lax.all_gather(jnp.concatenate([q, k, v], axis=2), axis, axis=1, tiled=True)
@@ -153,11 +160,21 @@ def _split_shard(q, k, v, pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, 
     q, k, v = q[0], k[0], v[0]
     kv_lens, table, cu_q_lens, num_seqs = kv_lens[0], page_indices[0], cu_q_lens[0], num_seqs[0]
     owned = table % ways == jax.lax.axis_index(axis)
-    # Owned entries hold local rows; the kernels never read (or write through) the others.
-    out, lse, pages = ragged_paged_attention(
-        q, k, v, pages, kv_lens, table // ways, cu_q_lens, num_seqs, sliding_window=window,
-        impl=impl, page_mask=owned, return_lse=True,
-    )
+    local = table // ways
+    if chosen_impl(impl, q, pages) != "reference":
+        # Owned entries hold local rows; the kernel never reads (or writes through) others.
+        out, lse, pages = ragged_paged_attention(
+            q, k, v, pages, kv_lens, local, cu_q_lens, num_seqs, sliding_window=window,
+            impl=impl, page_mask=owned, return_lse=True,
+        )
+    else:
+        # Pages of other devices get an out-of-range id: kv_slot_mapping drops their writes.
+        write = jnp.where(owned, local, pages.shape[0])
+        pages = write_kv_pages(k, v, pages, kv_lens, write, cu_q_lens, num_seqs)
+        out, lse = local_partial_attention(
+            q, pages, kv_lens, table, cu_q_lens, num_seqs, ways=ways,
+            index=jax.lax.axis_index(axis), sliding_window=window,
+        )
     packed = jnp.concatenate([out, lse[..., None]], axis=-1)
     if split_tokens:  # [ways, T/ways, ...]: row d goes to device d, which gets its tokens
         packed = packed.reshape(ways, -1, *packed.shape[1:])

@@ -14,12 +14,12 @@ Wire format: every frame is a 4-byte big-endian length, a msgpack map (at most
 so frames cannot be forged, altered, replayed or reordered without the shared secret.
 Arrays travel as {dtype, shape, data} and are rebuilt with `np.frombuffer` after their
 dtype (from an allow-list) and byte count are checked; nothing is unpickled or
-evaluated. The channel is not encrypted: run it on a private network.
+evaluated. With TLS (engine/step_tls.py) frames are encrypted; without, they are in clear.
 
-Handshake (follower → leader): hello {process_id, num_processes, nonce} → challenge
-{nonce} → both derive the session keys from the secret and both nonces → join {config}
-(authenticated) → welcome, or reject {reason} when the process count, id or
-configuration differs from the leader's.
+Handshake (follower → leader), after TLS's if on: hello {process_id, num_processes,
+nonce} → challenge {nonce} → both derive the session keys from the secret, both nonces
+and (TLS) the leader's certificate → join {config} (authenticated) → welcome, or reject
+{reason} when the process count, id or configuration differs from the leader's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import hmac
 import os
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -37,6 +38,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from meshserve.engine.step_tls import LeaderTls, TlsSocket, certificate_binding, follower_context
 
 PROTOCOL = b"meshserve-step-channel-v1"
 MAX_MESSAGE_BYTES = 64 << 20
@@ -92,8 +95,11 @@ def unpack_array(obj: Any, dtypes: Iterable[str]) -> np.ndarray:
 # -- framing --------------------------------------------------------------------------
 
 
-def _session_keys(secret: bytes, leader_nonce: bytes, follower_nonce: bytes):
-    master = hmac.new(secret, PROTOCOL + leader_nonce + follower_nonce, hashlib.sha256).digest()
+def _session_keys(secret: bytes, leader_nonce: bytes, follower_nonce: bytes,
+                  binding: bytes = b""):
+    """`binding`: with TLS, what names the leader's certificate (step_tls)."""
+    master = hmac.new(secret, PROTOCOL + leader_nonce + follower_nonce + binding,
+                      hashlib.sha256).digest()
     to_follower = hmac.new(master, b"leader->follower", hashlib.sha256).digest()
     to_leader = hmac.new(master, b"follower->leader", hashlib.sha256).digest()
     return to_follower, to_leader
@@ -120,6 +126,18 @@ class Connection:
         self._recv_key: bytes | None = None
         self._send_seq = 0
         self._recv_seq = 0
+        self.binding = b""  # with TLS: the leader certificate's binding
+
+    def start_tls(self, context: ssl.SSLContext, server_side: bool) -> None:
+        """TLS before anything else; ChannelError when the peer fails the handshake."""
+        tls = TlsSocket(self.sock, context, server_side)
+        try:
+            tls.handshake()
+        except (OSError, ssl.SSLError) as e:  # TimeoutError is an OSError
+            raise ChannelError(f"TLS handshake failed: {e}") from None
+        self.sock = tls
+        if not server_side:
+            self.binding = certificate_binding(tls.peer_certificate())
 
     def authenticate(self, send_key: bytes, recv_key: bytes) -> None:
         self._send_key, self._recv_key = send_key, recv_key
@@ -228,8 +246,9 @@ class LeaderLink:
     def __init__(self, host: str, port: int, secret: bytes, num_processes: int,
                  config: Mapping[str, Any], heartbeat_timeout: float,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 log: Callable[..., None] | None = None):
+                 log: Callable[..., None] | None = None, tls: LeaderTls | None = None):
         self.num_processes = num_processes
+        self.tls = tls
         self.config = dict(config)
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_bytes = max_message_bytes
@@ -267,6 +286,9 @@ class LeaderLink:
             conn = Connection(sock, min(10.0, self.heartbeat_timeout * 2),
                               self.max_message_bytes)
             try:
+                if self.tls is not None:
+                    conn.start_tls(self.tls.context, server_side=True)
+                    conn.binding = self.tls.binding
                 pid = self._handshake(conn)
             except GroupMismatchError:
                 conn.close()
@@ -288,7 +310,7 @@ class LeaderLink:
             raise ChannelError("not a meshserve follower's hello")
         mine = os.urandom(_NONCE_BYTES)
         conn.send({"t": "challenge", "nonce": mine})
-        to_follower, to_leader = _session_keys(self._secret, mine, nonce)
+        to_follower, to_leader = _session_keys(self._secret, mine, nonce, conn.binding)
         conn.authenticate(to_follower, to_leader)
         join = conn.recv()  # fails authentication with a wrong secret: dropped
         problems = []
@@ -374,8 +396,9 @@ class FollowerLink:
 
     def __init__(self, host: str, port: int, secret: bytes, process_id: int,
                  num_processes: int, config: Mapping[str, Any], heartbeat_timeout: float,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False):
         self.address = (host, port)
+        self.tls = tls
         self.process_id = process_id
         self.num_processes = num_processes
         self.config = dict(config)
@@ -404,6 +427,8 @@ class FollowerLink:
         conn = Connection(sock, min(10.0, self.heartbeat_timeout * 2), self.max_message_bytes)
         mine = os.urandom(_NONCE_BYTES)
         try:
+            if self.tls:
+                conn.start_tls(follower_context(), server_side=False)
             conn.send({"t": "hello", "v": 1, "process_id": self.process_id,
                        "num_processes": self.num_processes, "nonce": mine})
             challenge = conn.recv(MAX_HELLO_BYTES)
@@ -411,7 +436,7 @@ class FollowerLink:
             if challenge["t"] != "challenge" or not (
                     isinstance(nonce, bytes) and len(nonce) == _NONCE_BYTES):
                 raise ChannelError("the peer is not a meshserve leader")
-            to_follower, to_leader = _session_keys(self._secret, nonce, mine)
+            to_follower, to_leader = _session_keys(self._secret, nonce, mine, conn.binding)
             conn.authenticate(to_leader, to_follower)
             conn.send({"t": "join", "config": self.config})
             reply = conn.recv()
@@ -419,7 +444,8 @@ class FollowerLink:
             conn.close()
             raise ChannelError(
                 f"the leader at {host}:{port} ended the handshake ({e}): check that every "
-                "process has the same multi-host secret") from None
+                "process has the same multi-host secret, and TLS (--tls-cert) on every "
+                "process or on none") from None
         except ChannelError:
             conn.close()
             raise

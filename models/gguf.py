@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,10 @@ ARCHITECTURES: Mapping[str, tuple[str, str]] = {
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+# llama.cpp files Mixtral under "llama", told apart by its expert count.
+MIXTRAL = ("MixtralForCausalLM", "mixtral")
 # llama.cpp's converter reorders the q/k rows of these for its rotary kernel (each head's
 # two rotary halves interleaved); the Qwen models it leaves in HF order.
 PERMUTED_ARCHITECTURES = frozenset({"llama", "mistral"})
@@ -53,6 +57,19 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Sparse blocks: the router, and each projection of all experts stacked in one tensor
+# (experts outermost, so one expert's rows are one contiguous run of the file).
+_ROUTER = "ffn_gate_inp.weight"
+_STACKED_EXPERTS = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1,
+                    "ffn_down_exps.weight": 2}
+# HF names of (router block, per-expert gate/up/down) by family.
+_EXPERT_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+                 "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+_EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                          r"(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
+# softmax over the router's logits; llama.cpp's other gating (sigmoid) has no HF family here.
+_SOFTMAX_GATING = 1
+
 # llama.cpp's spelling of Llama 3 rope scaling: one divisor per rotary frequency.
 ROPE_FREQS = "rope_freqs.weight"
 
@@ -71,6 +88,14 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 def gguf_tensor_name(hf_name: str) -> str | None:
     """The GGUF name of an HF tensor name (for messages about tensors a file lacks)."""
+    expert = _EXPERT_NAME.fullmatch(hf_name)
+    if expert:
+        layer, j, proj = expert.groups()
+        which = ("w1", "w3", "w2").index(proj) if proj.startswith("w") else (
+            "gate_proj", "up_proj", "down_proj").index(proj)
+        return f"blk.{layer}.{list(_STACKED_EXPERTS)[which]}[{j}]"
+    if re.fullmatch(r"model\.layers\.\d+\.(block_sparse_moe|mlp)\.gate\.weight", hf_name):
+        return f"blk.{hf_name.split('.')[2]}.{_ROUTER}"
     for gguf_name, name in _GLOBAL_NAMES.items():
         if name == hf_name:
             return gguf_name
@@ -166,15 +191,52 @@ class GGUFModel:
             raise ConversionError(
                 f"{path}: GGUF architecture {self.architecture or '(none)'!r} is not "
                 f"supported; supported: {', '.join(ARCHITECTURES)}")
+        self.num_experts = int(self._key("expert_count", 0) or 0)
+        if self.architecture == "qwen3moe" and not self.num_experts:
+            raise ConversionError(f"{path}: a qwen3moe file without expert_count")
         self._tensors: dict[str, _Tensor] = {}
         self._config: dict[str, Any] | None = None
         self._rope_freqs: _Tensor | None = None
         for t in tensors:
             if t.gguf_name == ROPE_FREQS:
                 self._rope_freqs = t
+            elif self.num_experts and self._add_sparse(t):
+                pass
             else:
                 # Names with no HF counterpart stay as they are, reported as unexpected.
                 self._tensors[hf_tensor_name(t.gguf_name) or t.gguf_name] = t
+
+    @property
+    def family(self) -> str:
+        """The HF model_type this file converts to."""
+        if self.num_experts and self.architecture == "llama":
+            return MIXTRAL[1]
+        return ARCHITECTURES[self.architecture][1]
+
+    def _add_sparse(self, t: _Tensor) -> bool:
+        """Register a sparse block's router or stacked experts under HF names (one entry
+        per expert, each a view of its rows in the file); False for any other tensor."""
+        parts = t.gguf_name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
+            return False
+        block, projections = _EXPERT_NAMES[self.family]
+        prefix = f"model.layers.{int(parts[1])}.{block}"
+        if parts[2] == _ROUTER:
+            self._tensors[f"{prefix}.gate.weight"] = t
+            return True
+        if parts[2] not in _STACKED_EXPERTS:
+            return False
+        if len(t.shape) != 3 or t.shape[0] != self.num_experts:
+            raise ConversionError(
+                f"{self.path}: {t.gguf_name} has shape {list(t.shape)}, expected "
+                f"[{self.num_experts}, rows, columns] for {self.num_experts} experts")
+        step = t.nbytes // self.num_experts
+        name = projections[_STACKED_EXPERTS[parts[2]]]
+        for j in range(self.num_experts):
+            self._tensors[f"{prefix}.experts.{j}.{name}.weight"] = dataclasses.replace(
+                t, gguf_name=f"{t.gguf_name}[{j}]", shape=t.shape[1:],
+                offset=t.offset + j * step, nbytes=step)
+        return True
 
     # -- metadata → HF config ---------------------------------------------------------
 
@@ -209,15 +271,18 @@ class GGUFModel:
         scaling = str(self._key("rope.scaling.type", "none") or "none")
         if scaling != "none":
             problems.append(f"rope scaling type {scaling!r}")
-        if int(self._key("expert_count", 0) or 0):
-            problems.append("mixture-of-experts layers")
+        if int(self._key("expert_shared_count", 0) or 0):
+            problems.append("shared experts")
+        if int(self._key("expert_gating_func", _SOFTMAX_GATING) or _SOFTMAX_GATING) \
+                != _SOFTMAX_GATING:
+            problems.append("expert gating other than softmax")
         if problems:
             raise ConversionError(f"{self.path}: not supported: {'; '.join(problems)}")
         arch = self.architecture
         name = str(self.metadata.get("general.name", ""))
         if arch == "llama" and "mistral" in name.lower():
             arch = "mistral"  # llama.cpp files Mistral models under "llama"
-        hf_arch, model_type = ARCHITECTURES[arch]
+        hf_arch, model_type = MIXTRAL if self.family == "mixtral" else ARCHITECTURES[arch]
         tokens = self.metadata.get("tokenizer.ggml.tokens")
         embed = self._tensors.get("model.embed_tokens.weight")
         vocab = self._key("vocab_size") or (len(tokens) if tokens else None) or (
@@ -247,12 +312,35 @@ class GGUFModel:
             "bos_token_id": None if bos is None else int(bos),
             "eos_token_id": (eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
         }
+        if self.num_experts:
+            config.update(self._moe_config(config))
         if model_type == "mistral":
             window = self._key("attention.sliding_window")
             config["sliding_window"] = int(window) if window else None
         if self._rope_freqs is not None:
             config["rope_scaling"] = self._llama3_rope(config)
         return config
+
+    def _moe_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The HF config keys of a sparse model: its dense layers are those with plain
+        ffn tensors (transformers' `mlp_only_layers`)."""
+        used = self._key("expert_used_count")
+        if not used:
+            raise ConversionError(f"{self.path}: metadata lacks {self.architecture}."
+                                  "expert_used_count")
+        if self.family == "mixtral":
+            return {"num_local_experts": self.num_experts, "num_experts_per_tok": int(used)}
+        inner = self._key("expert_feed_forward_length")
+        if not inner:
+            raise ConversionError(f"{self.path}: metadata lacks {self.architecture}."
+                                  "expert_feed_forward_length")
+        dense = sorted(int(name.split(".")[2]) for name in self._tensors
+                       if name.endswith(".mlp.gate_proj.weight"))
+        return {"num_experts": self.num_experts, "num_experts_per_tok": int(used),
+                "moe_intermediate_size": int(inner), "decoder_sparse_step": 1,
+                "mlp_only_layers": dense,
+                # llama.cpp renormalises Qwen3-MoE's top-k weights unless told otherwise.
+                "norm_topk_prob": bool(self._key("expert_weights_norm", True))}
 
     def _llama3_rope(self, config: dict[str, Any]) -> dict[str, Any]:
         """Llama 3 rope scaling parameters that reproduce the file's per-frequency divisors.

@@ -161,6 +161,45 @@ def grouped_experts(
     return combine_tiles(plan, yp, weights, xs.shape[0]).astype(x.dtype).reshape(shape)
 
 
+class GroupMatmul(Protocol):
+    """lhs [rows, k] sorted by group, rhs [groups, k, n], group_sizes [groups] →
+    [rows, n]: row r times rhs[group of r]; rows past sum(group_sizes) are unspecified
+    (`jax.lax.ragged_dot`'s contract, and Megablox `gmm`'s)."""
+
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array: ...
+
+
+def sorted_experts(
+    x, expert_ids, weights, gate, up, down, first_expert=0, *, group_matmul: GroupMatmul,
+    row_multiple: int = 1,
+) -> jax.Array:
+    """Expert compute as three grouped matmuls over the token slots sorted by expert:
+    the form an accelerator's grouped-GEMM (ragged_dot on GPU, Megablox gmm on TPU) runs
+    without padding each expert to whole tiles. Slots of experts outside
+    [first_expert, first_expert + experts) sort last, outside every group, and are
+    selected away with the unspecified rows past the groups (`row_multiple` pads the row
+    count for kernels that tile it)."""
+    shape, k, num = x.shape, expert_ids.shape[-1], gate.shape[0]
+    xs = x.reshape(-1, shape[-1])
+    local = expert_ids.reshape(-1) - first_expert
+    key = jnp.where((local >= 0) & (local < num), local, num)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=num + 1)[:num].astype(jnp.int32)
+    slots = order.size
+    padded = -(-slots // row_multiple) * row_multiple
+    rows = jnp.pad(order, (0, padded - slots), constant_values=slots)
+    valid = rows < slots
+    lhs = jnp.where(valid[:, None], xs[jnp.where(valid, rows, 0) // k], 0).astype(x.dtype)
+    h = jax.nn.silu(group_matmul(lhs, gate, sizes)) * group_matmul(lhs, up, sizes)
+    y = group_matmul(h.astype(x.dtype), down, sizes)
+    mine = valid & (key[jnp.where(valid, rows, 0)] < num)
+    src = jnp.where(mine, rows, 0)
+    w = weights.reshape(-1)[src]
+    contrib = jnp.where(mine[:, None], y.astype(jnp.float32) * w[:, None], 0.0)
+    out = jnp.zeros((xs.shape[0], shape[-1]), jnp.float32).at[src // k].add(contrib)
+    return out.astype(x.dtype).reshape(shape)
+
+
 class MoEBlock(nnx.Module):
     """Router + experts of one sparse layer. Expert weights are plain parameters (not
     `projection`s): the caller's `ExpertsFn` reads them, never the projection matmul."""

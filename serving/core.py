@@ -71,6 +71,7 @@ class Generation:
         self.finished_at: float | None = None
         self.closed = False
         self.failure: str | None = None
+        self.failed_slices: set[int] = set()  # slices this request failed over from
 
     @property
     def request_id(self) -> str:
@@ -78,7 +79,45 @@ class Generation:
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
         """The engine's chunks up to and including the final one, timed into the metrics.
-        Raises SliceFailedError if the engine dies meanwhile or fails the request."""
+
+        Failover: if the slice fails before this request streamed a token, the request
+        is sent again (same id) to another healthy slice and its chunks come from there;
+        once tokens went out, a failure raises SliceFailedError (the frontend ends the
+        stream with UNAVAILABLE after those tokens: a retry would send them twice)."""
+        while True:
+            try:
+                async for chunk in self._slice_chunks():
+                    yield chunk
+                return
+            except SliceFailedError as e:
+                if self.generated or not self._fail_over(str(e)):
+                    raise
+
+    def _fail_over(self, error: str) -> bool:
+        """Route the request again, avoiding every slice it failed on; False when no
+        other slice takes it (the caller reports the original failure)."""
+        core, p, old = self.core, self.prepared, self.slice
+        if core.draining:
+            return False
+        self.failed_slices.add(old.index)
+        try:
+            routed = core.router.submit(p.prompt_ids, p.params, p.request_id, p.cost_tokens,
+                                        p.priority, p.cache_salt, avoid=self.failed_slices)
+        except Exception:  # noqa: BLE001 - overloaded, no slice left, ...: fail as before
+            return False
+        try:
+            old.engine.abort(p.request_id)
+        except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
+            pass
+        core.router.release(old, p.cost_tokens)
+        self.routed, self.slice, self.handle = routed, routed.slice, routed.handle
+        core.metrics.retried(old.index)
+        core.metrics.routed(routed.slice.index, routed.reason, routed.matched_tokens)
+        logs.event("request_retried", logging.WARNING, request_id=p.request_id,
+                   failed_slice=old.index, slice=routed.slice.index, error=error)
+        return True
+
+    async def _slice_chunks(self) -> AsyncIterator[StreamChunk]:
         core, index = self.core, self.slice.index
         last = None
         async for chunk in self._engine_chunks():
@@ -98,6 +137,9 @@ class Generation:
                 self.generated += n
             if chunk.finished:
                 if chunk.finish_reason == "abort" and chunk.error:
+                    if n:  # generated before the failure: the client gets them first
+                        yield StreamChunk(chunk.request_id, chunk.token_ids, chunk.text,
+                                          chunk.logprobs)
                     raise SliceFailedError(chunk.error)
                 self.final, self.finished_at = chunk, now
                 yield chunk

@@ -23,15 +23,14 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import ssl
-import tempfile
 import time
 import uuid
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meshserve.engine.step_tls import server_context
 from meshserve.serving import logs
 from meshserve.serving import openai_protocol as oa
 from meshserve.serving.auth import bearer_matches
@@ -46,23 +45,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 
 def server_ssl_context(cert: bytes, key: bytes, client_ca: bytes | None) -> ssl.SSLContext:
     """TLS (and with client_ca, mutual TLS) from the PEM bytes the gRPC server uses."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # ssl reads a certificate chain only from files: a private folder, removed at once.
-    with tempfile.TemporaryDirectory(prefix="meshserve-tls-") as folder:
-        os.chmod(folder, 0o700)
-        paths = []
-        for name, data in (("cert.pem", cert), ("key.pem", key)):
-            path = os.path.join(folder, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            paths.append(path)
-        ctx.load_cert_chain(*paths)
-    if client_ca is not None:
-        ctx.load_verify_locations(cadata=client_ca.decode("ascii"))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return server_context(cert, key, client_ca)
 
 
 def _sse(obj) -> bytes:
@@ -167,6 +150,16 @@ class OpenAIServer:
                               code="invalid") from None
         if not isinstance(body, dict):
             raise oa.ApiError(400, "the body must be a JSON object", code="invalid")
+        try:
+            # JSON's \u escapes can spell lone surrogates, which are no text: no protobuf
+            # string (nor tokenizer) takes them.
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise oa.ApiError(400, "the body holds a string that is not valid Unicode (a lone "
+                              "surrogate \\uD800-\\uDFFF escape)", code="invalid") from None
+        except (ValueError, RecursionError) as e:
+            raise oa.ApiError(400, f"the body is not valid JSON: {e}"[:200],
+                              code="invalid") from None
         return body
 
     def _parse(self, body: dict, chat: bool) -> oa.ApiRequest:
@@ -190,6 +183,9 @@ class OpenAIServer:
         self._active += 1
         try:
             try:
+                if not rid.isascii():  # aiohttp decodes other header bytes as surrogates
+                    raise oa.ApiError(400, f"the {REQUEST_ID_HEADER} header must be 1-128 "
+                                      "printable ASCII characters", code="invalid")
                 api = self._parse(await self._body(request), chat)
             except oa.ApiError as e:
                 self.core.reject(INVALID, "invalid", e.message, rid, peer, "http")

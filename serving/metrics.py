@@ -142,8 +142,12 @@ class ServingMetrics:
                              "published).", ["slice"], registry=r)
         self.stale_tokens = Counter("meshserve_routing_stale_tokens", "Expected cached tokens "
                                     "that were not.", ["slice"], registry=r)
+        self.retries = Counter("meshserve_requests_retried", "Requests failed over to another "
+                               "slice because theirs failed before they streamed a token, by "
+                               "the slice that failed.", ["slice"], registry=r)
         for s in slices:
-            for counter in (self.matched, self.cached, self.stale, self.stale_tokens):
+            for counter in (self.matched, self.cached, self.stale, self.stale_tokens,
+                            self.retries):
                 counter.labels(str(s.index))
         r.register(_SliceCollector(slices))
         self.startup = Gauge("meshserve_startup_seconds", "Process start to ready, by phase "
@@ -170,6 +174,9 @@ class ServingMetrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
         self.totals["rejected"] += 1
+
+    def retried(self, failed_slice: int) -> None:
+        self.retries.labels(str(failed_slice)).inc()
 
     def routed(self, slice_index: int, reason: str, matched_tokens: int) -> None:
         self.routing.labels(reason).inc()

@@ -94,13 +94,21 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param, "invalid")
 
 
+def _short(value: int) -> str:
+    text = str(value)  # JSON integers are unbounded: echo a bounded part
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} digits)"
+
+
 def _number(body: Mapping, name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(name, f"{name} must be a number, got {json.dumps(value)[:40]}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond any double
+        raise _bad(name, f"{name} is out of range: {_short(value)}") from None
 
 
 def _integer(body: Mapping, name: str, bounds: tuple[int, int] = INT32) -> int | None:
@@ -112,7 +120,7 @@ def _integer(body: Mapping, name: str, bounds: tuple[int, int] = INT32) -> int |
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"{name} must be an integer, got {json.dumps(value)[:40]}")
     if not bounds[0] <= value <= bounds[1]:
-        raise _bad(name, f"{name} is out of range: {value}")
+        raise _bad(name, f"{name} is out of range: {_short(value)}")
     return value
 
 

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
@@ -27,11 +27,12 @@ from meshserve.serving.auth import BearerTokenInterceptor
 from meshserve.serving.compat_metrics import CompatMetrics
 from meshserve.serving.core import GenerationCore
 from meshserve.serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
-from meshserve.serving.proto import meshserve_pb2_grpc as pb_grpc
+from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.requests import ModelLimits
 from meshserve.serving.routing import RoutingConfig
 from meshserve.serving.service import SERVICE_NAME, MeshServeService
 from meshserve.serving.slices import ModelInfo, Router, Slice
+from meshserve.serving.wire import Malformed, add_service
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -146,9 +147,15 @@ class MeshServeServer:
                 ("grpc.keepalive_timeout_ms", 20_000),
             ],
         )
-        pb_grpc.add_MeshServeServicer_to_server(self.service, self.server)
+        # Bytes that are no valid request get INVALID_ARGUMENT, not grpc's UNKNOWN.
+        def malformed(m: Malformed) -> None:
+            self.metrics.reject("invalid")
+            logs.event("request_rejected", reason="invalid", code="INVALID_ARGUMENT",
+                       message=m.message, frontend="grpc")
+
+        add_service(self.server, self.service, pb, "MeshServe", malformed)
         self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_service(self.server, self.health, health_pb2, "Health", malformed)
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)
         reflection.enable_server_reflection(

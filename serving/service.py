@@ -1,7 +1,9 @@
 """The MeshServe gRPC service (grpc.aio): the gRPC frontend of serving/core.py.
 
 Status codes: bad input → INVALID_ARGUMENT; full waiting queue → RESOURCE_EXHAUSTED;
-no healthy slice, a slice dying mid-stream, or a draining server → UNAVAILABLE; a text
+no healthy slice, a slice dying (or its step hanging past --step-timeout) after the
+stream sent tokens, or a draining server → UNAVAILABLE (a request that had streamed
+nothing fails over to another slice instead: serving/core.py); a text
 prompt without a tokenizer, or chat messages without a chat template →
 FAILED_PRECONDITION; a request id already in flight →
 ALREADY_EXISTS. A stream that ends for any other reason than its last chunk (client
@@ -54,13 +56,13 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         # Runs when the RPC ends however it ends, even if grpc never resumes this
         # generator after a cancellation.
         context.add_done_callback(lambda _ctx: generation.close())
-        prepared, slice_ = generation.prepared, generation.slice
+        prepared = generation.prepared
         try:
             async for chunk in generation.chunks():
                 if chunk.finished:
                     response = to_response(chunk, prepared)
                     response.timings.e2e_ms = (generation.finished_at - arrival) * 1e3
-                    response.slice = slice_.index
+                    response.slice = generation.slice.index  # where it ran (after failover)
                     yield response
                     return
                 if chunk.token_ids or chunk.text:
@@ -68,7 +70,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         except SliceFailedError as e:
             generation.fail(str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"slice {slice_.index} failed while generating: {e}")
+                                f"slice {generation.slice.index} failed while generating: {e}")
         finally:
             generation.close()
 

@@ -3,7 +3,9 @@
 `--slices N` splits the devices into N equal groups; each group gets its own mesh, its
 own copy of the weights and its own engine with its own batch and KV pages. Requests
 go to a healthy slice chosen by load and, with the prefix cache, by the prompt prefix
-it already holds (serving/routing.py); a slice whose engine died is skipped.
+it already holds (serving/routing.py); a slice whose engine died, or whose step hung
+past the engine's step watchdog (engine/watchdog.py, `--step-timeout`), is skipped, and
+serving/core.py fails the requests it held over to the others.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from meshserve.engine.engine import (
     Engine,
@@ -228,8 +230,10 @@ class Router:
         return order, CACHE if matched[order[0].index] else LOAD, matched
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               cost_tokens: int, priority: int = 0, cache_salt: str = "") -> Routed:
-        """Add the request to the best slice.
+               cost_tokens: int, priority: int = 0, cache_salt: str = "",
+               avoid: Collection[int] = ()) -> Routed:
+        """Add the request to the best slice (never to one whose index is in `avoid`:
+        the slices a failed-over request already failed on).
 
         Raises InvalidRequestError at once; EngineOverloadedError only when every healthy
         slice's waiting queue is full; NoHealthySliceError when no slice can take it.
@@ -241,6 +245,7 @@ class Router:
             for s in self.slices:
                 if s not in healthy:
                     self._index(s)  # out of rotation: forget its index
+            healthy = [s for s in healthy if s.index not in avoid]
             if not healthy:
                 raise NoHealthySliceError("no healthy slice: every engine has stopped")
             order, reason, matched = self._order(healthy, digests)

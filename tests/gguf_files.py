@@ -22,7 +22,8 @@ from tests import hf_models
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 # K-quant blocks hold 256 values: every matrix row (the input side) is a multiple of it.
 SIZES = dict(hidden_size=256, intermediate_size=512, vocab_size=512)
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen3_moe_norm": "qwen3moe"}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -41,7 +42,12 @@ _BLOCK = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",  # a sparse block's router
 }
+# transformers 5 keeps a sparse block's experts fused: gate_up_proj [experts, 2i, hidden]
+# (gate rows first), down_proj [experts, hidden, i]; llama.cpp stacks each projection.
+_EXPERTS = {"mlp.experts.gate_up_proj": ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+            "mlp.experts.down_proj": ("ffn_down_exps.weight",)}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -280,6 +286,9 @@ def write_gguf(
         if name.endswith("rotary_emb.inv_freq"):
             continue
         stored, kind = value.astype(np.float32), "F32"
+        if value.ndim == 3:
+            _add_experts(tensors, expected, name, stored, qtype_of or (lambda _: qtype))
+            continue
         if value.ndim == 2:
             if GGUF_ARCH[family] == "llama" and ("q_proj" in name or "k_proj" in name):
                 heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
@@ -320,6 +329,13 @@ def write_gguf(
     writer.add_vocab_size(cfg.vocab_size)
     if family == "mistral":
         writer.add_sliding_window(cfg.sliding_window)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if family.startswith("qwen3_moe"):
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+            writer.add_expert_weights_norm(cfg.norm_topk_prob)
     _add_vocab(writer, sentencepiece_vocab() if GGUF_ARCH[family] == "llama"
                else byte_level_vocab(), add_bos)
     for name, (array, kind) in tensors.items():
@@ -332,6 +348,45 @@ def write_gguf(
     if cfg.tie_word_embeddings:
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
     return expected
+
+
+def _add_experts(tensors: dict, expected: dict, name: str, fused: np.ndarray,
+                 qtype_of: Callable[[str], str]) -> None:
+    """A fused expert tensor as llama.cpp's stacked ones, each quantized row by row."""
+    prefix, _, rest = name.rpartition(".mlp.")
+    layer = prefix.rsplit(".", 1)[1]
+    parts = _EXPERTS[f"mlp.{rest}"]
+    decoded_parts = []
+    for part, array in zip(parts, np.split(fused, len(parts), axis=1), strict=True):
+        gguf = f"blk.{layer}.{part}"
+        kind = qtype_of(gguf)
+        raw, decoded = encode(array.reshape(-1, array.shape[-1]), kind)
+        tensors[gguf] = (raw.reshape(*array.shape[:2], -1), kind)
+        decoded_parts.append(decoded.reshape(array.shape))
+    expected[name] = np.concatenate(decoded_parts, axis=1)
+
+
+def per_expert(family: str, expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`expected` with fused expert tensors split under the per-expert HF names that
+    checkpoints on disk use (what conversion maps)."""
+    block, names = (("block_sparse_moe", ("w1", "w3", "w2")) if family == "mixtral"
+                    else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    out = {}
+    for name, value in expected.items():
+        prefix, _, rest = name.rpartition(".mlp.")
+        if rest == "gate.weight":
+            out[f"{prefix}.{block}.gate.weight"] = value
+        elif rest == "experts.gate_up_proj":
+            gate, up = np.split(value, 2, axis=1)
+            for j in range(value.shape[0]):
+                out[f"{prefix}.{block}.experts.{j}.{names[0]}.weight"] = gate[j]
+                out[f"{prefix}.{block}.experts.{j}.{names[1]}.weight"] = up[j]
+        elif rest == "experts.down_proj":
+            for j in range(value.shape[0]):
+                out[f"{prefix}.{block}.experts.{j}.{names[2]}.weight"] = value[j]
+        else:
+            out[name] = value
+    return out
 
 
 def reference_logits(family: str, state: dict[str, np.ndarray], prompts) -> list[np.ndarray]:

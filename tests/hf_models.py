@@ -101,18 +101,18 @@ def save_tiny_model(family: str, out_dir: str, **save_kwargs) -> str:
     return out_dir
 
 
-def hf_logits(family: str, prompt: list[int]):
+def hf_logits(family: str, prompt: list[int], **sizes):
     import torch
 
     with torch.no_grad():
-        return build_model(family)(torch.tensor([prompt])).logits[0].numpy()
+        return build_model(family, **sizes)(torch.tensor([prompt])).logits[0].numpy()
 
 
-def hf_greedy(family: str, prompt: list[int], new_tokens: int) -> list[int]:
+def hf_greedy(family: str, prompt: list[int], new_tokens: int, **sizes) -> list[int]:
     import torch
     import transformers
 
-    model = build_model(family)
+    model = build_model(family, **sizes)
     # No EOS at all (not min_new_tokens, which masks EOS and changes greedy choices).
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None

@@ -8,6 +8,7 @@ there, in their units, and consistent with each other.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -330,3 +331,36 @@ def test_hlo_counting_follows_the_loop_body_and_names_the_axes():
                           "{'a'}", 4) == [[0, 1], [2, 3]]
     assert replica_groups("replica_groups={}", 3) == [[0, 1, 2]]
     assert shape_bytes("(f32[2,3]{1,0}, pred[4], bf16[8])") == 24 + 4 + 16
+
+
+def test_sequence_layout_reports_kv_split_prefill_collectives_and_long_prompt_ttft(
+        checkpoint_dir):
+    """sequence=4: each sequence's KV split 4 ways (per-device KV 1/4 of one device's,
+    the pool rounded to a multiple of 4), per layer one all-gather of q|k|v and one
+    all-to-all of the partials per prefill chunk (nothing else), and the TTFT of one
+    long prompt sent alone after the workload."""
+    ckpt = checkpoint_dir("llama")
+    workload = dataclasses.replace(WORKLOAD, num_requests=2, long_prompt_len=200)
+    layouts = parse_layouts("data=1;sequence=4", 8)
+    planned = _by_layout(bench(ckpt, layouts, workload, SLO, ENGINE, jnp.float32,
+                               plan_only=True, log=lambda _msg: None))
+    one, split = (planned[parse_layout(t)]["kv_bytes_per_device"]
+                  for t in ("data=1", "sequence=4"))
+    page = LAYERS * ENGINE.page_size * 2 * 2 * 16 * 4  # 2 kv heads of 16, f32
+    assert abs(split - one / 4) <= page
+    results = bench(ckpt, layouts[1:], workload, SLO, ENGINE, jnp.float32,
+                    log=lambda _msg: None)
+    r = results["layouts"][0]
+    assert r.get("error") is None and r["completed"] == 2, r
+    assert r["kv_bytes_per_device"] == split
+    chunk = r["prefill_chunk_tokens"]
+    assert chunk == ENGINE.max_step_tokens
+    # and one all-reduce: the last rows' hidden states, taken from the token-split batch
+    assert r["collectives_per_prefill_chunk"] == {**dict.fromkeys(KINDS, 0), "all-reduce": 1,
+                                                  "all-gather": LAYERS, "all-to-all": LAYERS}
+    # q|k|v (4 + 2 + 2 heads of 16) gathered, then (out | lse) of 4 heads: f32 per token
+    qkv, partials = (4 + 2 * 2) * 16 * 4, 4 * (16 + 1) * 4
+    assert r["collective_bytes_per_prefill_token"]["all-gather"] == LAYERS * qkv
+    assert r["collective_bytes_per_prefill_token"]["all-to-all"] == LAYERS * partials
+    assert r["long_prompt_tokens"] == 200 and r["long_prompt_ttft_ms"] > 0
+    assert "200-token prompt" in format_table(results)

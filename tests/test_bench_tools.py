@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from tests.serving_fixtures import demo_ckpt  # noqa: F401
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -103,3 +105,19 @@ def test_bench_prefix_drives_two_routed_slices(tmp_path):
     assert sum(v for k, v in metrics.items()
                if k.startswith("meshserve_routing_decisions_total")) == 6
     assert report["configs"]["cache-aware"]["flags"][:2] == ["--slices", "2"]
+
+
+def test_soak_smoke_run_mixes_transports_cancels_and_deadlines(tmp_path, demo_ckpt):  # noqa: F811
+    out = tmp_path / "soak.json"
+    _run("soak.py", "--requests", "60", "--concurrency", "8", "--rss-baseline-at", "20",
+         "--checkpoint", demo_ckpt, "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["passed"] and all(report["checks"].values()), report["checks"]
+    assert report["finished"] == sum(report["outcomes"].values()) == 60
+    kinds = {tuple(key.split("/")[:2]) for key in report["outcomes"]}
+    assert kinds == {(t, k) for t in ("grpc", "http") for k in ("plain", "cancel", "deadline")}
+    assert {key.split("/")[2] for key in report["outcomes"]} <= {
+        "OK", "CANCELLED", "DEADLINE_EXCEEDED"}
+    assert report["pages"]["slices"][0]["free_pages"] == report["pages"]["slices"][0][
+        "total_pages"] > 0
+    assert report["rss_baseline_bytes"] > 0 and report["rss_last_bytes"] > 0

@@ -23,7 +23,7 @@ from meshserve.models.hf_weights import weight_mappings
 from meshserve.models.loading import load_checkpoint
 from meshserve.tools import model_flags
 from meshserve.tools.convert import ConversionError, convert_gguf
-from tests import gguf_files
+from tests import gguf_files, hf_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ([1, 5, 9, 200, 3], list(range(3, 45)))  # the long one past mistral's window
@@ -100,6 +100,35 @@ def test_converted_weights_and_logits_equal_transformers(tmp_path, family, qtype
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("family,qtype", [("mixtral", "Q8_0"), ("qwen3_moe", "Q4_1"),
+                                          ("qwen3_moe_norm", "F16")])
+def test_mixture_of_experts_files_convert_expert_by_expert(tmp_path, family, qtype):
+    """llama.cpp stacks each projection of all experts in one tensor (Mixtral under the
+    "llama" architecture); every expert must land in its own slot, the dense layers of a
+    Qwen3-MoE stay dense, and the top-k renormalisation follows the file."""
+    path, out = str(tmp_path / "model.gguf"), str(tmp_path / "ckpt")
+    expected = gguf_files.write_gguf(path, family, qtype)
+    cfg = convert_gguf(path, out, progress=False)
+    reference = hf_models.hf_config(family)
+    assert cfg.family == family.removesuffix("_norm")
+    assert cfg.num_experts == 8 and cfg.experts_per_token == reference.num_experts_per_tok
+    assert cfg.norm_topk_prob == (family != "qwen3_moe")
+    assert cfg.moe_layers == {"mixtral": (0, 1), "qwen3_moe": (1, 2),
+                              "qwen3_moe_norm": (1,)}[family]
+    params, per_expert = _stored_params(out), gguf_files.per_expert(family, expected)
+    stored = np.dtype(STORED[read_manifest(out)["dtype"]])
+    for m in weight_mappings(cfg):
+        want = per_expert[m.hf_name].T if m.transpose else per_expert[m.hf_name]
+        got = params[m.path] if m.expert is None else params[m.path][m.expert]
+        np.testing.assert_array_equal(got, want.reshape(m.shape).astype(stored),
+                                      err_msg=m.hf_name)
+    as_stored = {k: v.astype(stored).astype(np.float32) for k, v in expected.items()}
+    ref = gguf_files.reference_logits(family, as_stored, PROMPTS)
+    model = load_checkpoint(out, make_mesh(parse_layout("")), jnp.float32)
+    for ours, want in zip(DenseGenerator(model).prefill_logits(PROMPTS), ref, strict=True):
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
+
+
 def test_transformers_reads_our_tiny_qwen2_file_alike(tmp_path):
     """An outside reader of the same file: Qwen q/k rows are not permuted, and a missing
     output.weight means tied embeddings. (Not Qwen3: transformers' GGUF loader ignores
@@ -158,6 +187,12 @@ def _break(case: str, path: str) -> str:
         gguf_files.write_gguf(path, "llama", edit=shrink)
         return r"blk.1.attn_q.weight \(model.layers.1.self_attn.q_proj.weight\) has shape " \
                r"\[192, 256\], expected \[256, 256\]"
+    if case == "experts missing from a stacked tensor":
+        def drop_expert(t):
+            t["blk.1.ffn_up_exps.weight"] = (t["blk.1.ffn_up_exps.weight"][0][:7], "Q8_0")
+
+        gguf_files.write_gguf(path, "mixtral", "Q8_0", edit=drop_expert)
+        return r"blk.1.ffn_up_exps.weight has shape \[7, 32, 256\], expected \[8, rows"
     if case == "missing tensor":
         gguf_files.write_gguf(path, "llama", edit=lambda t: t.pop(layer_up))
         return r"missing tensors: blk.1.ffn_up.weight \(model.layers.1.mlp.up_proj.weight\)"
@@ -176,7 +211,8 @@ def _break(case: str, path: str) -> str:
 
 @pytest.mark.parametrize("case", ["truncated", "bad magic", "corrupt counts",
                                   "unsupported architecture", "unsupported tensor type",
-                                  "misshaped tensor", "missing tensor"])
+                                  "misshaped tensor", "missing tensor",
+                                  "experts missing from a stacked tensor"])
 def test_bad_files_fail_cleanly_leaving_nothing(tmp_path, case):
     path, out = str(tmp_path / "bad.gguf"), str(tmp_path / "out")
     message = _break(case, path)

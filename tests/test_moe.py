@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from meshserve.engine.dense import DenseGenerator
+from meshserve.engine.experts import default_impl, expert_compute
 from meshserve.meshes import LayoutError, MeshLayout, make_mesh, parse_layout
 from meshserve.models.loading import check_layout, load_checkpoint, memory_plan
 from meshserve.models.moe import dense_experts, grouped_experts, route
@@ -53,6 +54,40 @@ def test_grouped_experts_equal_dense_reference_and_read_only_selected(tokens, ro
         atol=2e-4, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "megablox-interpret"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_grouped_matmul_backends_equal_dense_reference(impl, tokens):
+    """ragged_dot (GPU) and Megablox gmm (TPU, here interpreted) over the sorted slots:
+    equal to the oracle and blind to other devices' slots; gmm skips unused experts'
+    weights (XLA:CPU lowers ragged_dot to one dense dot over every group, so NaN there
+    would spread: that check is gmm's only)."""
+    compute = jax.jit(expert_compute(impl), static_argnames="first_expert")
+    gate, up, down = _experts(3, hidden=128, inner=128)
+    x = jax.random.normal(jax.random.key(4), (1, tokens, 128))
+    ids, weights = route(x, jax.random.normal(jax.random.key(5), (128, 8)), 2, normalize=True)
+    expected = DENSE(x, ids, weights, gate, up, down)
+    unused = np.setdiff1d(np.arange(8), np.asarray(ids))
+    poison = (lambda w: w.at[unused].set(jnp.nan)) if impl != "ragged_dot" else (  # noqa: E731
+        lambda w: w)
+    got = compute(x, ids, weights, poison(gate), poison(up), poison(down))
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-4)
+    local = compute(x, ids, weights, gate[4:], up[4:], down[4:], first_expert=4)
+    mask = ids >= 4
+    np.testing.assert_allclose(
+        local, DENSE(x, ids, jnp.where(mask, weights, 0), gate, up, down),
+        atol=2e-3, rtol=2e-4)
+
+
+def test_experts_backend_follows_the_platform_and_the_override(monkeypatch):
+    mesh = make_mesh(parse_layout(""))
+    assert default_impl(mesh) == "grouped"  # CPU: the pure-JAX tiled loop
+    monkeypatch.setenv("MESHSERVE_EXPERTS_IMPL", "ragged_dot")
+    assert default_impl(mesh) == "ragged_dot"
+    monkeypatch.setenv("MESHSERVE_EXPERTS_IMPL", "cutlass")
+    with pytest.raises(ValueError, match="choose from"):
+        default_impl(mesh)
+
+
 @pytest.fixture(scope="module")
 def reference_logits():
     cache = {}
@@ -81,6 +116,16 @@ def test_prefill_logits_match_transformers_on_expert_layouts(
         got = DenseGenerator(model).prefill_logits(PROMPTS)
         for ours, ref in zip(got, expected, strict=True):
             np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4, err_msg=layout)
+
+
+def test_ragged_dot_backend_on_an_expert_layout_matches_transformers(
+    checkpoint_dir, reference_logits, monkeypatch
+):
+    monkeypatch.setenv("MESHSERVE_EXPERTS_IMPL", "ragged_dot")
+    model = load_checkpoint(checkpoint_dir("mixtral"), make_mesh(parse_layout("expert=2")))
+    got = DenseGenerator(model).prefill_logits(PROMPTS)
+    for ours, ref in zip(got, reference_logits("mixtral"), strict=True):
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,8 @@ def define_flags() -> None:
     d.DEFINE_integer("output_len", 32, "Mean output length in tokens.", lower_bound=1)
     d.DEFINE_float("range_ratio", 0.0, "Lengths vary uniformly by this fraction.",
                    lower_bound=0.0, upper_bound=1.0)
+    d.DEFINE_integer("long_prompt_len", 0, "After the workload, time the first token of "
+                     "one prompt of this many tokens sent alone (0: none).", lower_bound=0)
     d.DEFINE_integer("seed", 0, "Seed for prompts and arrivals.")
     d.DEFINE_string("slo", None, "Targets a good request meets, e.g. ttft_ms=500,tpot_ms=50 "
                     "(also e2e_ms); the best layout meets them at p99.")
@@ -178,7 +180,7 @@ def main(argv: list[str]) -> int:
         num_requests=f.num_requests, request_rate=f.request_rate,
         max_concurrency=f.max_concurrency, input_len=f.input_len, output_len=f.output_len,
         range_ratio=f.range_ratio, burstiness=f.burstiness, seed=f.seed,
-        max_duration=f.max_duration)
+        max_duration=f.max_duration, long_prompt_len=f.long_prompt_len)
     base = EngineConfig(
         page_size=f.page_size, num_pages=f.num_pages, max_seqs=f.max_seqs,
         max_step_tokens=f.max_step_tokens, max_model_len=f.max_model_len,

@@ -338,3 +338,14 @@ def megatron_min_all_reduces(num_layers: int, tensor: int) -> int:
     the row-parallel attention output projection and one after the MLP down projection,
     per layer (none without tensor parallelism)."""
     return 2 * num_layers if tensor > 1 else 0
+
+
+def program_collectives(hlo_text: str, mesh_axes: Mapping[str, int] | None = None
+                        ) -> tuple[dict[str, int], dict[str, int]]:
+    """(count, bytes) by kind of every collective one run of the program executes once
+    or more, loops and branches included: for the mixed (prefill) step, whose only loops
+    are the attention's, each collective runs once per call."""
+    mesh_axes = dict(mesh_axes or {})
+    mod = HloModule.parse(hlo_text)
+    items = list(_walk(mod, mod.entry, "per_call", None, mesh_axes))
+    return _by_kind(items, "per_call"), _by_kind(items, "per_call", "bytes")

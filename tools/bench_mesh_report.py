@@ -104,6 +104,19 @@ def format_table(results: dict) -> str:
                   f"{_mib(r.get('expert_weights_bytes_per_device'))} | "
                   f"{_num(r['expert_hotspot_ratio'], 2)} | {r['moe_dropped_tokens']} |"
                   for r in moe]
+    context = [r for r in results["layouts"] if measured(r) and "prefill_chunk_tokens" in r
+               and (parse_layout(r["layout"]).sequence > 1 or r.get("long_prompt_ttft_ms"))]
+    if context:  # what splitting long sequences over `sequence` costs and saves
+        long = results.get("workload", {}).get("long_prompt_len") or "-"
+        lines += ["", "| layout | KV MiB/dev | coll. per decode step | KiB per decode step | "
+                  "coll. per prefill chunk | B per prefill token | "
+                  f"TTFT ms, {long}-token prompt |", "|" + "---|" * 7]
+        lines += [f"| {short_layout(r['layout'])} | {_mib(r['kv_bytes_per_device'])} | "
+                  f"{sum(r['collectives_per_step'].values())} | "
+                  f"{sum(r['collective_bytes_per_step'].values()) / 1024:.1f} | "
+                  f"{sum(r['collectives_per_prefill_chunk'].values())} | "
+                  f"{sum(r['collective_bytes_per_prefill_token'].values()):.0f} | "
+                  f"{_num(r.get('long_prompt_ttft_ms'))} |" for r in context]
     if notes:
         lines += ["", f"not measured ({len(notes)}):", *notes]
     lines += ["", results["best_message"]]

@@ -29,7 +29,11 @@ from meshserve.models.loading import (
     param_specs,
     sharding_rules,
 )
-from meshserve.tools.bench_mesh_hlo import decode_collectives, megatron_min_all_reduces
+from meshserve.tools.bench_mesh_hlo import (
+    decode_collectives,
+    megatron_min_all_reduces,
+    program_collectives,
+)
 from meshserve.tools.bench_mesh_report import REQUIRED_KEYS
 from meshserve.tools.bench_serving import Result, arrival_times, lengths, summarize
 
@@ -47,6 +51,8 @@ class Workload:
     burstiness: float = 1.0
     seed: int = 0
     max_duration: float = 600.0  # per layout: later requests are cancelled and fail
+    # After the workload, one prompt of this many tokens alone (0: none): its TTFT.
+    long_prompt_len: int = 0
 
     def requests(self, vocab_size: int) -> tuple[list[list[int]], list[int], np.ndarray]:
         """The same prompts, output lengths and arrival times for every layout."""
@@ -60,7 +66,7 @@ class Workload:
 
     def max_total_len(self) -> int:
         hi = lambda mean: max(1, int(mean * (1 + self.range_ratio)))  # noqa: E731
-        return hi(self.input_len) + hi(self.output_len)
+        return max(hi(self.input_len) + hi(self.output_len), self.long_prompt_len + 1)
 
     def concurrency(self) -> int:
         return min(self.num_requests, self.max_concurrency or self.num_requests)
@@ -85,6 +91,7 @@ def plan_layout(cfg: ModelConfig, layout: MeshLayout, dtype, engine_cfg: EngineC
     if problems:
         row["reason"] = "; ".join(problems)
         return row
+    engine_cfg = layout_engine_config(engine_cfg, layout)
     try:
         plan = memory_plan(cfg, make_mesh(layout), dtype,
                            engine_cfg.num_pages * engine_cfg.page_size,
@@ -146,6 +153,16 @@ def _compile_counter() -> _CompileCounter:
     return _COUNTER
 
 
+def layout_engine_config(engine_cfg: EngineConfig, layout: MeshLayout) -> EngineConfig:
+    """The pool rounded up to a multiple of `sequence`: each sequence's pages are split
+    over it (context parallelism) and every device holds the same number."""
+    ways = layout.sequence
+    if engine_cfg.num_pages is None or engine_cfg.num_pages % ways == 0:
+        return engine_cfg
+    pages = math.ceil(engine_cfg.num_pages / ways) * ways
+    return dataclasses.replace(engine_cfg, num_pages=pages)
+
+
 def build_engines(ckpt: str, layout: MeshLayout, dtype, engine_cfg: EngineConfig) -> list:
     """One engine per slice, warmed up before its loop starts (as serving's build_slices).
 
@@ -193,6 +210,20 @@ def decode_hlo(engine: Engine, seqs: int) -> str:
     inputs = engine._put(build_inputs(plan, cfg, engine.pages_per_seq, 0, t, s))
     lowered = engine._fns.lower(engine._kv, engine._counts, engine._seen, inputs, loop)
     return lowered.compile().as_text()
+
+
+def prefill_hlo(engine: Engine) -> tuple[str, int]:
+    """HLO text of the mixed step at the largest token bucket (a prefill chunk), and that
+    bucket: every collective in it runs once per chunk."""
+    from meshserve.engine.batching import build_inputs
+    from meshserve.engine.scheduler import StepPlan
+
+    cfg = engine.config
+    t, s = cfg.buckets(False, 1, cfg.max_step_tokens)
+    plan = StepPlan(decode=False, shards=[[] for _ in range(engine.data_shards)])
+    inputs = engine._put(build_inputs(plan, cfg, engine.pages_per_seq, 0, t, s))
+    lowered = engine._fns.lower(engine._kv, engine._counts, engine._seen, inputs, False)
+    return lowered.compile().as_text(), t
 
 
 async def _one(router, index: int, prompt: list[int], out_len: int) -> Result:
@@ -253,6 +284,7 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
 
     counter = _compile_counter()
     t0 = time.perf_counter()
+    engine_cfg = layout_engine_config(engine_cfg, layout)
     slices = build_engines(ckpt, layout, dtype, engine_cfg)
     try:
         loaded = time.perf_counter() - t0
@@ -260,6 +292,8 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
         seqs = min(engine_cfg.max_seqs, per_shard)
         engine = slices[0].engine
         collectives = decode_collectives(decode_hlo(engine, seqs), layout.axis_sizes())
+        hlo, chunk = prefill_hlo(engine)
+        prefill_counts, prefill_bytes = program_collectives(hlo, layout.axis_sizes())
         # The axis the weights are split over (Megatron's all-reduces run over it).
         weight_axis = engine.model.rules.mapping.get("heads")
         log(f"  loaded and warmed up {layout.slices} slice(s) in {loaded:.1f}s; measuring")
@@ -270,6 +304,16 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
             counter.active = False
         # Warm-up runs only padding, which is not counted: these are the workload's.
         routing = routing_summary(slices, layout.expert)
+        long_ttft = None
+        if workload.long_prompt_len:
+            long = dataclasses.replace(workload, num_requests=1, request_rate=math.inf,
+                                       input_len=workload.long_prompt_len, output_len=1,
+                                       range_ratio=0.0)
+            alone = asyncio.run(drive(Router(slices), long, long.requests(cfg.vocab_size)))
+            result = alone["results"][0]
+            if result.error is not None:
+                raise RuntimeError(f"the {long.input_len}-token prompt failed: {result.error}")
+            long_ttft = 1e3 * result.ttft
     finally:
         shutdown(slices)
     summary = summarize(run["results"], run["duration"], slo)
@@ -299,6 +343,12 @@ def run_layout(ckpt: str, cfg: ModelConfig, layout: MeshLayout, dtype, engine_cf
         "collectives_per_call": collectives.per_call,
         "collective_sources": collectives.sources(),
         "collectives_decode_seqs": seqs,
+        # The mixed step at its largest bucket, per token of that chunk (prefill).
+        "collectives_per_prefill_chunk": prefill_counts,
+        "prefill_chunk_tokens": chunk,
+        "collective_bytes_per_prefill_token": {k: v / chunk for k, v in prefill_bytes.items()},
+        "long_prompt_tokens": workload.long_prompt_len or None,
+        "long_prompt_ttft_ms": long_ttft,
         "megatron_min_all_reduces": minimum,
         "model_parallel_axis": weight_axis,
         "model_parallel_all_reduces_per_step": model_parallel,

@@ -142,6 +142,10 @@ def main(argv: list[str]) -> int:
         max_waiting_requests=f.max_waiting_requests, max_waiting_tokens=f.max_waiting_tokens,
         min_token_bucket=f.min_token_bucket, min_seq_bucket=f.min_seq_bucket,
         device_memory_bytes=capacity_bytes(), prefix_caching=f.prefix_cache,
+        # One process: each slice's engine watches its own steps. A multi-host leader
+        # watches the group's steps itself (the same flags, engine/multihost.py).
+        step_timeout=None if serve_multihost.active() else f.step_timeout,
+        compile_timeout=f.compile_timeout,
     )
     dtype = f.dtype or default_compute_dtype()
     if serve_multihost.active():

@@ -43,11 +43,12 @@ def define_flags() -> None:
     d.DEFINE_float("heartbeat_timeout", 10.0, "A process silent this long on the step "
                    "channel counts as dead (heartbeats go every fifth of it).",
                    lower_bound=0.1)
-    d.DEFINE_float("step_timeout", 60.0, "A step not finished in this many seconds fails "
-                   "the group (a hung process, or a collective blocked on a dead one).",
-                   lower_bound=0.1)
-    d.DEFINE_float("compile_timeout", 900.0, "The step timeout for the first step of each "
-                   "shape, which compiles.", lower_bound=0.1)
+    d.DEFINE_float("step_timeout", 60.0, "A device step not finished in this many seconds "
+                   "fails its slice: it leaves rotation and its streams end UNAVAILABLE "
+                   "(multi-host: the group fails; a hung process, or a collective blocked "
+                   "on a dead one).", lower_bound=0.1)
+    d.DEFINE_float("compile_timeout", 900.0, "The step timeout for a step that launches a "
+                   "shape for the first time, which compiles.", lower_bound=0.1)
     d.DEFINE_integer("step_channel_port", None, "Port of the leader's step channel "
                      "(default: the coordinator's port + 1).", lower_bound=0)
     d.DEFINE_string("multihost_secret_file", None, "Shared secret authenticating the step "
@@ -214,6 +215,7 @@ def _leader(group, ckpt, mesh, layout, options, engine_config, dtype, secret, ho
             fingerprint) -> int:
     from meshserve.engine.multihost import LeaderFailure, MultiHostEngine
     from meshserve.engine.step_channel import LeaderLink
+    from meshserve.engine.step_tls import LeaderTls
     from meshserve.meshes.distributed import is_loopback
     from meshserve.models.checkpoint import checkpoint_config
     from meshserve.models.tokenizer import find_tokenizer
@@ -221,9 +223,15 @@ def _leader(group, ckpt, mesh, layout, options, engine_config, dtype, secret, ho
     from meshserve.serving.slices import Slice, model_info
 
     f = flags.FLAGS
+    # The step channel carries users' token ids: TLS with the gRPC server's certificate.
+    tls = LeaderTls.from_pem(options.tls_cert, options.tls_key) if options.tls_cert else None
     link = LeaderLink(host if is_loopback(host) else "", port, secret, group.num_processes,
-                      fingerprint, f.heartbeat_timeout, log=_log)
-    _log("step_channel_listening", port=link.port, processes=group.num_processes)
+                      fingerprint, f.heartbeat_timeout, log=_log, tls=tls)
+    _log("step_channel_listening", port=link.port, processes=group.num_processes,
+         tls=tls is not None)
+    if tls is None and not is_loopback(host):
+        _log("step_channel_plaintext", message="without --tls-cert the step channel sends "
+             "every step's token ids (users' prompts) in clear")
     link.accept_all(f.distributed_init_timeout)
     failure = LeaderFailure(f.failure_exit_delay, _log)
     failure.link = link
@@ -289,7 +297,7 @@ def _follower(group, ckpt, mesh, options, engine_config, dtype, secret, host, po
     f = flags.FLAGS
     pid = group.process_id
     link = FollowerLink(host, port, secret, pid, group.num_processes, fingerprint,
-                        f.heartbeat_timeout)
+                        f.heartbeat_timeout, tls=options.tls_cert is not None)
     link.connect(f.distributed_init_timeout)
 
     def lost(reason: str) -> None:

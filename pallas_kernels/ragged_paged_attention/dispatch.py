@@ -48,6 +48,16 @@ def resolve_impl(impl: str | None = None, backend: str | None = None) -> str:
     return "reference"
 
 
+def chosen_impl(impl: str | None, q: jax.Array, kv_pages: jax.Array) -> str:
+    """What ``ragged_paged_attention(..., impl=impl)`` runs for these operands: a kernel
+    name ("tpu", "gpu", "cpu", the -interpret ones) or "reference" (auto on CPU takes the
+    reference where the C++ kernel cannot run the dtypes/shapes)."""
+    which = resolve_impl(impl)
+    if which == "cpu" and impl in (None, "auto") and not cpu_kernel.supports(q, kv_pages):
+        return "reference"
+    return which
+
+
 def _debug_enabled(debug: bool | None) -> bool:
     if debug is not None:
         return debug
@@ -138,11 +148,9 @@ def ragged_paged_attention(
     )
     if _debug_enabled(debug):
         _check_dynamic(kv_pages.shape, q.shape[0], kv_lens, page_indices, cu_q_lens, num_seqs)
-    which = resolve_impl(impl)
+    which = chosen_impl(impl, q, kv_pages)
     if which in INTERPRETED:
         which, interpret = INTERPRETED[which], interpret or True
-    if which == "cpu" and impl in (None, "auto") and not cpu_kernel.supports(q, kv_pages):
-        which = "reference"
     backend = jax.default_backend()
     if which in _BACKEND_OF_IMPL and not interpret and backend not in _BACKEND_OF_IMPL[which]:
         raise ValueError(
