@@ -121,3 +121,13 @@ def test_soak_smoke_run_mixes_transports_cancels_and_deadlines(tmp_path, demo_ck
     assert report["pages"]["slices"][0]["free_pages"] == report["pages"]["slices"][0][
         "total_pages"] > 0
     assert report["rss_baseline_bytes"] > 0 and report["rss_last_bytes"] > 0
+
+
+def test_bench_cp_local_times_each_local_part(tmp_path):
+    out = tmp_path / "cp_local.json"
+    _run("bench_cp_local.py", "--quick", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["decode 2 x 64", "prefill 32"]
+    for r in rows:
+        assert min(r["kernel_masked_ms"], r["pure_jax_local_ms"], r["kernel_all_pages_ms"]) > 0
+        assert r["pure_over_kernel"] == r["pure_jax_local_ms"] / r["kernel_masked_ms"]
