@@ -31,9 +31,12 @@ class LoadedModel:
 
 def load(ckpt_dir: str, mesh: str, num_slices: int, dtype: str,
          engine_config: EngineConfig, source: str | None = None,
-         warmup: bool = False, load_started: float | None = None) -> LoadedModel:
+         warmup: bool = False, load_started: float | None = None,
+         prefill_slices: int = 0, prefill_mesh: str | None = None) -> LoadedModel:
     """Tokenizer (sentencepiece or HF, BOS/EOS from the config) and one engine per slice.
-    load_started: when loading began (time.monotonic(); e.g. before an --hf conversion)."""
+    load_started: when loading began (time.monotonic(); e.g. before an --hf conversion).
+    prefill_slices: that many slices (layout `prefill_mesh`, default `mesh`) prefill only,
+    the others decode only (serving/disagg.py)."""
     from meshserve.models.checkpoint import checkpoint_config
     from meshserve.models.tokenizer import find_tokenizer
 
@@ -44,10 +47,13 @@ def load(ckpt_dir: str, mesh: str, num_slices: int, dtype: str,
     tokenizer = find_tokenizer(ckpt_dir, cfg)
     info = model_info(ckpt_dir, dtype, source)
     slices = build_slices(ckpt_dir, mesh, num_slices, dtype, engine_config, tokenizer,
-                          start=False)
+                          start=False, prefill_slices=prefill_slices,
+                          prefill_layout=prefill_mesh)
     load_seconds = time.monotonic() - start
     logs.event("model_loaded", model=info.name, dtype=dtype, slices=len(slices),
-               layout=slices[0].layout, tokenizer=getattr(tokenizer, "path", None),
+               layout=slices[-1].layout, prefill_slices=prefill_slices,
+               prefill_layout=slices[0].layout if prefill_slices else None,
+               tokenizer=getattr(tokenizer, "path", None),
                max_model_len=slices[0].engine.max_model_len, seconds=round(load_seconds, 2))
     return LoadedModel(slices, tokenizer, info, warmup, load_seconds)
 
