@@ -17,7 +17,15 @@ from meshserve.engine.engine import EngineConfig
 from meshserve.meshes import CompileCounter
 from meshserve.serving import logs
 from meshserve.serving.server import MeshServeServer, ServerOptions
-from meshserve.serving.slices import ModelInfo, Slice, build_slices, model_info
+from meshserve.serving.slices import (
+    BOTH,
+    DECODE,
+    PREFILL,
+    ModelInfo,
+    Slice,
+    build_slices,
+    model_info,
+)
 
 
 @dataclasses.dataclass
@@ -71,6 +79,8 @@ def warm_up(model: LoadedModel) -> tuple[float, int, int]:
                        built=programs, from_cache=cached)
 
         s.engine.warmup(progress=progress)
+        if s.role != BOTH:  # the KV handoff's programs, so no handoff waits for a compile
+            s.engine.warmup_handoff(export=s.role == PREFILL, imports=s.role == DECODE)
 
     if model.warmup:
         # Slices are independent device groups: their compiles run side by side.
