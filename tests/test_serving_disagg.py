@@ -10,6 +10,7 @@ import dataclasses
 import grpc
 import pytest
 
+from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.slices import DECODE, PREFILL, Slice, _meshes
 from tests import hf_models
 from tests.serving_fixtures import (
@@ -64,6 +65,11 @@ def test_pd_server_streams_what_a_colocated_server_and_transformers_do(pd_model)
     assert set(prefill.devices).isdisjoint(decode.devices)
     with running_server(pd_model) as server:
         results = _generate_all(server.target)
+        channel, stub = stub_for(server.target)
+        with channel:
+            info = stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert [(s.role, s.parked) for s in info.slices] == [(PREFILL, 0), (DECODE, 0)]
+        assert [s.routed_requests for s in info.slices] == [len(PROMPTS)] * 2
         registry = server.server.metrics.registry
         sample = registry.get_sample_value
         assert sample("meshserve_kv_transfer_seconds_count") == len(PROMPTS)
