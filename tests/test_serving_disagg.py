@@ -135,3 +135,47 @@ def test_prefill_slice_flags_are_checked_before_loading():
     assert [role for _, role in layouts] == [PREFILL, DECODE]
     assert layouts[0][0].startswith("data=1,tensor=4")
     assert layouts[1][0].startswith("data=2,tensor=2")
+
+
+def test_other_layouts_then_a_dead_decode_slice(checkpoint_dir):
+    """Prefill tensor=2 (devices 0-1), decode data=2,tensor=2 (2-5): the KV is resharded
+    on the way and the tokens do not change. Then the decode slice stops: a request gets
+    its first token and a clean UNAVAILABLE, and the prefill slice frees its pages."""
+    from meshserve.serving import launch
+
+    model = launch.load(checkpoint_dir("llama"), "data=2,tensor=2", 2, "float32",
+                        SERVING_CONFIG, prefill_slices=1, prefill_mesh="tensor=2")
+    launch.warm_up(model)
+    prefill, decode = model.slices
+    try:
+        assert (prefill.layout.split(",")[:2], decode.layout.split(",")[:2]) == (
+            ["data=1", "tensor=2"], ["data=2", "tensor=2"])
+        picks = (1, 5, 10, 3)
+        with running_server(model) as server:
+            channel, stub = stub_for(server.target)
+            with channel:
+                def one(i):
+                    return tokens_of(stub.Generate(request(
+                        token_ids=PROMPTS[i], max_tokens=MAX_TOKENS[i], ignore_eos=True)))
+
+                with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                    got = list(pool.map(one, picks))
+                for i, tokens in zip(picks, got, strict=True):
+                    assert tokens == hf_models.hf_greedy("llama", PROMPTS[i], MAX_TOKENS[i])
+                _idle(model)
+                decode.engine.shutdown()
+                call = stub.Generate(request(token_ids=PROMPTS[3], max_tokens=20,
+                                             ignore_eos=True))
+                assert len(next(call).token_ids) == 1
+                with pytest.raises(grpc.RpcError) as e:
+                    list(call)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "no healthy decode slice" in e.value.details()
+                failures = server.server.metrics.registry.get_sample_value(
+                    "meshserve_kv_transfer_failures_total", {"kind": "no_decode_slice"})
+                assert failures == 1
+        wait_idle(prefill.engine)
+        assert prefill.engine.stats().parked == 0
+    finally:
+        for s in model.slices:
+            s.engine.shutdown(timeout=10.0)
