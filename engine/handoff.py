@@ -546,5 +546,15 @@ class DisaggregationMixin:
         prefill engine, `imports` for a decode engine."""
         return self._handoff.warmup(export, imports)
 
+    def handoff_layout(self) -> KVLayout:
+        """This engine's pool as a KVLayout (pages = rows = 1): what a handoff must match
+        (`KVLayout.check_pool`) before a transport moves anything."""
+        return self._handoff.pool_layout()
+
+    def handoff_sharding(self, layout: KVLayout) -> jax.sharding.NamedSharding:
+        """Where `receive_kv` puts a handoff's array on this engine's mesh (a transport
+        that cannot reshard pulls into the sender's layout, then `receive_kv` reshards)."""
+        return self._handoff.handoff_sharding(layout)
+
     def parked_requests(self) -> list[str]:
         return self._handoff.parked_ids()

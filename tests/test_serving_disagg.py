@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
+import urllib.request
 
 import grpc
 import pytest
@@ -63,21 +65,32 @@ def test_pd_server_streams_what_a_colocated_server_and_transformers_do(pd_model)
     prefill, decode = pd_model.slices
     assert (prefill.role, decode.role) == (PREFILL, DECODE)
     assert set(prefill.devices).isdisjoint(decode.devices)
-    with running_server(pd_model) as server:
+    with running_server(pd_model, http_port=0) as server:
         results = _generate_all(server.target)
+        # The OpenAI API takes the same path: one body with every token, once.
+        body = json.dumps({"prompt": PROMPTS[1], "max_tokens": MAX_TOKENS[1], "ignore_eos":
+                           True, "temperature": 0, "return_token_ids": True}).encode()
+        http = urllib.request.Request(
+            f"http://127.0.0.1:{server.server.http_port}/v1/completions", data=body,
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(http, timeout=60) as r:
+            completion = json.loads(r.read())
+        assert completion["choices"][0]["token_ids"] == tokens_of(results[1])
+        assert completion["usage"]["completion_tokens"] == MAX_TOKENS[1]
         channel, stub = stub_for(server.target)
         with channel:
             info = stub.GetServerInfo(pb.GetServerInfoRequest())
         assert [(s.role, s.parked) for s in info.slices] == [(PREFILL, 0), (DECODE, 0)]
-        assert [s.routed_requests for s in info.slices] == [len(PROMPTS)] * 2
+        assert [s.routed_requests for s in info.slices] == [len(PROMPTS) + 1] * 2
         registry = server.server.metrics.registry
         sample = registry.get_sample_value
-        assert sample("meshserve_kv_transfer_seconds_count") == len(PROMPTS)
-        assert sample("meshserve_kv_transfer_bytes_sum") == sum(
-            r[-1].timings.kv_transfer_bytes for r in results)
+        assert sample("meshserve_kv_transfer_seconds_count") == len(PROMPTS) + 1
+        moved = [r[-1].timings.kv_transfer_bytes for r in results]
+        assert sample("meshserve_kv_transfer_bytes_sum") == sum(moved) + moved[1]  # + HTTP
         assert sample("meshserve_kv_transfer_failures_total", {"kind": "export"}) == 0
-        assert sample("meshserve_role_queue_seconds_count", {"role": "decode"}) == len(PROMPTS)
-        assert sample("meshserve_role_queue_seconds_count", {"role": "prefill"}) == len(PROMPTS)
+        for role in ("prefill", "decode"):
+            assert sample("meshserve_role_queue_seconds_count", {"role": role}) == len(
+                PROMPTS) + 1
     _idle(pd_model)
     # The colocated server: one slice doing both, on the decode slice's engine.
     colocated = dataclasses.replace(pd_model, slices=[Slice(0, decode.engine, decode.layout,
