@@ -59,6 +59,9 @@ class EngineConfig:
     # compile_timeout. Multi-host leaders watch their steps themselves (engine/multihost.py).
     step_timeout: float | None = None
     compile_timeout: float = 900.0
+    # A prefill-only request's pages are freed this long after it parked (or after its
+    # last export) unless released first (engine/handoff.py): a lost handoff is bounded.
+    park_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
@@ -67,6 +70,8 @@ class EngineConfig:
             raise ValueError("max_step_tokens must be >= max_seqs (one decode token each)")
         if self.decode_steps < 1:
             raise ValueError("decode_steps must be >= 1")
+        if not self.park_timeout_s > 0:
+            raise ValueError("park_timeout_s must be > 0")
         if self.cache_event_capacity < 1:
             raise ValueError("cache_event_capacity must be >= 1")
         if (self.step_timeout is not None and self.step_timeout <= 0) or self.compile_timeout <= 0:

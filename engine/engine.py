@@ -27,6 +27,7 @@ from meshserve.engine.batching import build_inputs
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.handle import RequestHandle
+from meshserve.engine.handoff import DisaggregationMixin, Handoffs
 from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
 from meshserve.engine.packing import PACKED_EXPERTS, pack_weights, packing_applies
@@ -55,7 +56,7 @@ class EngineDeadError(RuntimeError):
     """The engine stopped or failed and accepts no requests."""
 
 
-class Engine:
+class Engine(DisaggregationMixin):
     def __init__(
         self,
         model: ShardedModel,
@@ -125,6 +126,7 @@ class Engine:
         self.step_observer: Callable[[str, float], None] | None = None
         self.watchdog = (StepWatchdog(self, cfg.step_timeout, cfg.compile_timeout)
                          if cfg.step_timeout is not None else None)
+        self._handoff = Handoffs(self)  # prefill/decode disaggregation (engine/handoff.py)
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -142,11 +144,31 @@ class Engine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | bytes = b"",
+        prefill_only: bool = False,
     ) -> RequestHandle:
         """Queue a request. Requests with different `cache_salt`s never share KV pages (a
-        salt never matches pages stored without it): tenant isolation."""
+        salt never matches pages stored without it): tenant isolation. `prefill_only`: stop
+        after the first token and park the KV for `export_kv` (engine/handoff.py)."""
         params = (params or SamplingParams()).validate(self.vocab_size, self.config.max_logprobs)
         salt = cache_salt.encode() if isinstance(cache_salt, str) else bytes(cache_salt)
+        prompt = self.check_prompt(prompt_ids, params)
+        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
+        eos = () if params.ignore_eos else self.model.config.eos_token_ids
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt,
+            params=params,
+            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+            stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
+            priority=priority,
+            cache_root=root_digest(salt),
+            prefill_only=prefill_only,
+        )
+        return self._submit(seq)
+
+    def check_prompt(self, prompt_ids: Seq[int], params: SamplingParams) -> list[int]:
+        """The prompt as ints, or InvalidRequestError (ids, lengths, pages)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
@@ -166,18 +188,10 @@ class Engine:
                 f"the request needs {self.scheduler.pages_for(total)} KV pages; "
                 f"the cache has {self.num_pages}"
             )
-        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
-        eos = () if params.ignore_eos else self.model.config.eos_token_ids
-        seq = Sequence(
-            request_id=request_id,
-            prompt_ids=prompt,
-            params=params,
-            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
-            stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
-            priority=priority,
-            cache_root=root_digest(salt),
-        )
+        return prompt
+
+    def _submit(self, seq: Sequence) -> RequestHandle:
+        request_id, prompt = seq.request_id, seq.prompt_ids
         handle = RequestHandle(request_id, self)
         with self._lock:
             if not self.healthy:
@@ -205,7 +219,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         with self._lock:
             if request_id not in self._live:
-                return False
+                return self._handoff.release(request_id)
             self._aborts.append(request_id)
             self._lock.notify_all()
         return True
@@ -218,7 +232,7 @@ class Engine:
                 snap, len(inbox), inbox_tokens, total_pages=self.num_pages * self.data_shards,
                 expert_devices=self.model.rules.axis_size("experts"), finished=self._finished,
                 compiles=self.compiles, chained_calls=self._chained_calls,
-                compiles_after_warmup=self.compiles_after_warmup)
+                compiles_after_warmup=self.compiles_after_warmup, parked=self._handoff.parked)
 
     def cache_events(self) -> CacheEventLog | None:
         """The log of this engine's page-hash events (stored, evicted) that routers read,
@@ -266,8 +280,9 @@ class Engine:
                     and not self.scheduler.num_running
                     and not self.scheduler.waiting
                     and self._chained is None
+                    and not self._handoff.has_work()
                 ):
-                    self._lock.wait()
+                    self._lock.wait(self._handoff.wait_timeout())
                 if self._stopping:
                     return
             try:
@@ -287,6 +302,8 @@ class Engine:
                 if entry and entry[0].status is not Status.FINISHED:
                     self.scheduler.finish(entry[0], "abort")
                     self._emit(entry[0], entry[1])
+            self._publish()
+        if self._handoff.run_tasks():
             self._publish()
 
     def _publish(self) -> None:
@@ -317,6 +334,7 @@ class Engine:
             for rows in plan.shards:
                 for item in rows:
                     item.seq.first_scheduled = item.seq.first_scheduled or now
+            self._handoff.before_launch(plan)  # imported KV into its pages
             inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
             self._observe("schedule", started)
             pending = self.launch(inputs, plan.decode)
@@ -442,7 +460,9 @@ class Engine:
                             break
                 if seq.status is Status.RUNNING:
                     self.scheduler.commit(seq)
-                self._emit(seq, self._live[seq.request_id][1])
+                handle = self._live[seq.request_id][1]
+                if not self._handoff.maybe_park(seq, handle):
+                    self._emit(seq, handle)
 
     def _append(self, seq: Sequence, out, k: int, shard: int, row: int) -> bool:
         token = int(out.tokens[k, shard, row])
@@ -503,6 +523,7 @@ class Engine:
             self._inbox.clear()
             t = self._thread  # the owner: the engine thread, else any caller of step()
             owner = t is None or t is threading.current_thread() or not t.is_alive()
+        self._handoff.fail_all()
         for seq, handle in live:
             if not owner:
                 handle.put(StreamChunk(seq.request_id, (), "", finish_reason=reason,

@@ -63,6 +63,9 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                     response = to_response(chunk, prepared)
                     response.timings.e2e_ms = (generation.finished_at - arrival) * 1e3
                     response.slice = generation.slice.index  # where it ran (after failover)
+                    if generation.prefill_slice is not None:
+                        response.prefill_slice = generation.prefill_slice.index
+                        generation.fill_timings(response.timings)
                     yield response
                     return
                 if chunk.token_ids or chunk.text:
@@ -119,6 +122,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                 index=s.index, mesh_layout=s.layout, devices=s.devices, healthy=s.healthy,
                 running=st.running, waiting=st.waiting, free_pages=st.free_pages,
                 total_pages=st.total_pages, preemptions=st.preemptions, routed_requests=s.routed,
+                role=s.role, parked=st.parked,
             )
         fill_runtime(info, [list(s.engine.model.rules.mesh.devices.flat)
                             for s in self.router.slices])

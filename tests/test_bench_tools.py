@@ -131,3 +131,24 @@ def test_bench_cp_local_times_each_local_part(tmp_path):
     for r in rows:
         assert min(r["kernel_masked_ms"], r["pure_jax_local_ms"], r["kernel_all_pages_ms"]) > 0
         assert r["pure_over_kernel"] == r["pure_jax_local_ms"] / r["kernel_masked_ms"]
+
+
+def test_bench_disagg_runs_both_setups_on_the_same_engines(tmp_path):
+    out = tmp_path / "disagg.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "meshserve.tools.cli", "bench-disagg", "--demo",
+         "--cpu-devices", "2", "--short", "3", "--short-output", "6", "--long", "1",
+         "--long-input", "40", "--long-start-ms", "20", "--max-step-tokens", "32",
+         "--max-seqs", "4", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    colocated, pd = report["colocated"], report["disaggregated"]
+    assert colocated["completed"] == pd["completed"] == 4
+    assert colocated["kv_bytes_per_request"] == 0  # nothing moves when colocated
+    # every request moved its KV: 16-token prompts 1 page, the 40-token one 3 (a bucket of
+    # 4 capped at the 3 pages of max_model_len 48), each page 4 layers x 16 slots x 8
+    # channels x 32 x 4 bytes
+    assert pd["kv_bytes_per_request"] == (3 * 1 + 3) * 4 * 16 * 8 * 32 * 4 / 4
+    assert pd["kv_transfer_ms"]["mean"] > 0
+    assert "ITL p99 short (ms)" in done.stdout
