@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -75,7 +76,7 @@ class ArrayLayout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * jnp.dtype(self.dtype).itemsize
 
     def describe(self) -> str:
         mesh = ",".join(f"{a}={n}" for a, n in zip(self.mesh_axes, self.mesh_shape, strict=True))
@@ -103,7 +104,7 @@ def layout_of(shape: Sequence[int], dtype, sharding: jax.sharding.Sharding) -> A
     shape = tuple(int(d) for d in shape)
     mesh = sharding.mesh
     return ArrayLayout(
-        shape=shape, dtype=np.dtype(dtype).name, mesh_axes=tuple(mesh.axis_names),
+        shape=shape, dtype=jnp.dtype(dtype).name, mesh_axes=tuple(mesh.axis_names),
         mesh_shape=tuple(int(n) for n in mesh.devices.shape),
         spec=_spec_entries(sharding.spec, len(shape)),
         shard_shape=tuple(int(d) for d in sharding.shard_shape(shape)),
