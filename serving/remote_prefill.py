@@ -91,21 +91,31 @@ class PeerFailed(Exception):
 
 class PrefillPeer:
     def __init__(self, target: str, options: DecodeOptions):
-        opts = [("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_PEER_MESSAGE_BYTES)]
-        if options.peer_tls:
-            creds = grpc.ssl_channel_credentials(options.peer_tls_ca, options.peer_tls_key,
-                                                 options.peer_tls_cert)
-            self.channel = grpc.aio.secure_channel(target, creds, options=opts)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=opts)
-        self.stub = ipb_grpc.PrefillStub(self.channel)
         self.target = target
+        self.options = options
+        self.channel: grpc.aio.Channel | None = None
+        self._stub: ipb_grpc.PrefillStub | None = None
         self.metadata = (() if options.peer_auth_token is None else
                          (("authorization", "Bearer " + options.peer_auth_token.decode()),))
         self.inflight = 0
         self.sent = 0
         self.failed_at = -float("inf")
+
+    @property
+    def stub(self) -> ipb_grpc.PrefillStub:
+        """Made on first use: an aio channel belongs to the event loop that runs it."""
+        if self._stub is None:
+            o = self.options
+            opts = [("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_PEER_MESSAGE_BYTES)]
+            if o.peer_tls:
+                creds = grpc.ssl_channel_credentials(o.peer_tls_ca, o.peer_tls_key,
+                                                     o.peer_tls_cert)
+                self.channel = grpc.aio.secure_channel(self.target, creds, options=opts)
+            else:
+                self.channel = grpc.aio.insecure_channel(self.target, options=opts)
+            self._stub = ipb_grpc.PrefillStub(self.channel)
+        return self._stub
 
 
 class PrefillPeers:
@@ -124,7 +134,7 @@ class PrefillPeers:
         return peer
 
     async def close(self) -> None:
-        await asyncio.gather(*(p.channel.close() for p in self.peers))
+        await asyncio.gather(*(p.channel.close() for p in self.peers if p.channel is not None))
 
 
 class RemotePrefillRouter(Router):
@@ -295,6 +305,7 @@ class RemoteStream:
             dest = [jax.ShapeDtypeStruct(lay.shape, jnp.dtype(lay.dtype),
                                          sharding=engine.model.rules.sharding(HANDOFF_AXES,
                                                                               lay.shape))]
+            pull_began = time.perf_counter()
             try:
                 kv = await asyncio.to_thread(r.transport.pull, offer.transfer_address,
                                              offer.uuid, layouts, dest, o.transfer_timeout_s)
@@ -304,11 +315,12 @@ class RemoteStream:
                 raise PeerFailed("transfer_timeout", str(e)) from None
             except TransferError as e:
                 raise PeerFailed("transfer_error", str(e)) from None
-            seconds = time.perf_counter() - began
-            m.transfer(offer.nbytes, seconds)
-            m.leave(stage, seconds)
+            now = time.perf_counter()
+            m.transfer(offer.nbytes, now - pull_began)
+            m.leave(stage, now - began)
             stage = None
-            self.timings.update(transfer_ms=seconds * 1e3, kv_bytes=float(offer.nbytes))
+            self.timings.update(transfer_ms=(now - began) * 1e3, pull_ms=(now - pull_began) * 1e3,
+                                kv_bytes=float(offer.nbytes))
             if handoff.queue_ms is not None:
                 self.timings["queue_ms"] = handoff.queue_ms
             try:  # the pages are ours now: the peer may free its copy

@@ -1,0 +1,170 @@
+"""Prefill/decode across processes on loopback: `meshserve serve --role prefill`
+subprocesses, and a `--role decode` server (in this process, on the shared demo engine)
+that prefills on them, pulls the KV through jax.experimental.transfer and decodes.
+
+Greedy outputs equal the colocated server's; a prefill peer killed after the first token
+ends the stream with UNAVAILABLE within the flag-bounded wait and nothing repeated; a dead
+peer before the first token is retried on the other one; pages end free on both sides.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from meshserve.serving.disagg_roles import DisaggOptions
+from meshserve.serving.proto import internal_pb2 as ipb
+from meshserve.serving.proto import internal_pb2_grpc as ipb_grpc
+from meshserve.serving.remote_prefill import DecodeOptions
+from tests.serving_fixtures import (  # noqa: F401
+    SERVING_FLAGS,
+    ServeProcess,
+    ServerThread,
+    demo_ckpt,
+    demo_model,
+    request,
+    running_server,
+    stub_for,
+    tokens_of,
+    wait_idle,
+)
+
+PREFILL_FLAGS = ("--warmup=false", *SERVING_FLAGS, "--role", "prefill", "--kv-offer-ttl", "20")
+# Mixed prompt lengths (1 to 5 pages of 16) and output lengths.
+CASES = [(list(range(3, 3 + n)), m) for n, m in ((5, 6), (17, 9), (40, 4), (70, 12), (1, 7),
+                                                  (33, 1))]
+
+
+def _prefill_server(ckpt: str) -> ServeProcess:
+    from tests.serving_fixtures import subprocess_env
+
+    return ServeProcess("--checkpoint", ckpt, *PREFILL_FLAGS, env=subprocess_env())
+
+
+@pytest.fixture(scope="module")
+def prefill_peer(demo_ckpt):  # noqa: F811
+    with _prefill_server(demo_ckpt) as p:
+        yield p
+
+
+def _decode(model, *peers: str, **kw) -> ServerThread:
+    options = DecodeOptions(prefill_peers=peers, prefill_timeout_s=kw.pop("prefill_timeout", 20.0),
+                            transfer_timeout_s=kw.pop("transfer_timeout", 30.0),
+                            failure_backoff_s=kw.pop("backoff", 0.0))
+    return ServerThread(model, disagg=DisaggOptions(role="decode", decode=options))
+
+
+def _run(target: str, cases) -> list[tuple[list[int], str, object]]:
+    channel, stub = stub_for(target)
+
+    def one(i: int):
+        ids, n = cases[i]
+        out = list(stub.Generate(request(token_ids=ids, max_tokens=n, ignore_eos=True,
+                                         request_id=f"r{i}-{os.getpid()}-{time.monotonic_ns()}"),
+                                 timeout=120))
+        return tokens_of(out), "".join(r.text for r in out), out[-1]
+
+    with channel, concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        return list(pool.map(one, range(len(cases))))
+
+
+def _sample(server: ServerThread, name: str, **labels) -> float:
+    return server.server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _peer_idle(target: str, timeout: float = 10.0) -> ipb.Load:
+    with grpc.insecure_channel(target) as channel:
+        stub = ipb_grpc.PrefillStub(channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            load = stub.GetLoad(ipb.LoadRequest(), timeout=5)
+            if (load.pending_offers == 0 and load.running == 0 and load.waiting == 0
+                    and load.free_pages == load.total_pages):
+                return load
+            assert time.monotonic() < deadline, f"prefill peer not idle: {load}"
+            time.sleep(0.05)
+
+
+def test_remote_prefill_outputs_equal_colocated(demo_model, prefill_peer):  # noqa: F811
+    with running_server(demo_model) as colocated:
+        want = _run(colocated.target, CASES)
+    decode = _decode(demo_model, prefill_peer.target)
+    try:
+        got = _run(decode.target, CASES)
+        for (ids, text, final), (wids, wtext, wfinal), (_, n) in zip(got, want, CASES,
+                                                                    strict=True):
+            assert ids == wids and len(ids) == n  # nothing repeated, nothing lost
+            assert text == wtext
+            assert final.finish_reason == wfinal.finish_reason == "length"
+            assert final.usage.completion_tokens == n
+        # Every request but the one done by its first token moved its KV here.
+        moved = sum(1 for _, n in CASES if n > 1)
+        assert _sample(decode, "meshserve_kv_transfer_bytes_count", path="remote") == moved
+        nbytes = _sample(decode, "meshserve_kv_transfer_bytes_sum", path="remote")
+        seconds = _sample(decode, "meshserve_kv_transfer_seconds_sum", path="remote")
+        print(f"\nKV moved: {moved} requests, {nbytes / moved / 1024:.1f} KiB and "
+              f"{seconds / moved * 1e3:.2f} ms per request (pull, loopback)")
+        assert nbytes > 0 and _sample(decode, "meshserve_prefill_retries_total") == 0
+        wait_idle(demo_model.slices[0].engine)
+        _peer_idle(prefill_peer.target)
+    finally:
+        decode.stop()
+
+
+def test_prefill_peer_killed_after_first_token_then_retried(demo_ckpt, demo_model,  # noqa: F811
+                                                            prefill_peer):
+    doomed = _prefill_server(demo_ckpt)
+    want = _run(prefill_peer.target, CASES[3:4])[0][0]  # colocated on the peer itself
+    decode = _decode(demo_model, doomed.target, prefill_peer.target)
+    channel, stub = stub_for(decode.target)
+    try:
+        # Both peers idle: the first in the list gets it. Killed once its first token is
+        # out (its KV export is still compiling: nothing was offered yet).
+        ids, n = CASES[3]
+        stream = stub.Generate(request(token_ids=ids, max_tokens=n, ignore_eos=True),
+                               timeout=60)
+        first = next(stream)
+        os.kill(doomed.proc.pid, signal.SIGKILL)
+        began = time.monotonic()
+        rest = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in stream:
+                rest.append(r)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - began < 10.0  # the call breaks: no wait for a timeout
+        assert list(first.token_ids) + tokens_of(rest) == want[:1]  # the first token, once
+        assert _sample(decode, "meshserve_prefill_retries_total") == 0
+        wait_idle(demo_model.slices[0].engine)
+    finally:
+        channel.close()
+        decode.stop()
+        doomed.kill()
+    # Nothing streamed yet: a fresh decode server tries the dead peer first (both are
+    # idle), fails over to the live one, and the output is whole.
+    decode = _decode(demo_model, doomed.target, prefill_peer.target)
+    try:
+        got = _run(decode.target, [CASES[3]])[0][0]
+        assert got == want
+        assert _sample(decode, "meshserve_prefill_retries_total") == 1
+        assert _sample(decode, "meshserve_kv_transfer_failures_total",
+                       kind="prefill_unavailable") == 1
+        wait_idle(demo_model.slices[0].engine)
+        _peer_idle(prefill_peer.target)
+    finally:
+        decode.stop()
+
+
+def test_decode_role_flags_are_checked():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        DisaggOptions(role="decode", decode=DecodeOptions(prefill_peers=("nope",))).check()
+    with pytest.raises(ValueError, match="--kv-transfer-insecure"):
+        DisaggOptions(role="prefill", kv_transfer_address="10.0.0.5:7000").check()
+    DisaggOptions(role="prefill", kv_transfer_address="10.0.0.5:7000",
+                  kv_transfer_insecure=True).check()
+    with pytest.raises(ValueError, match="needs --role decode"):
+        DisaggOptions(role="prefill", decode=DecodeOptions(prefill_peers=("h:1",))).check()
