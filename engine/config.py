@@ -54,6 +54,9 @@ class EngineConfig:
     # One CPU device: keep the projection weights panel-packed for the C++ matmul kernel
     # (engine/packing.py), ~2x XLA:CPU's speed at decode batch sizes.
     pack_weights: bool = True
+    # A prefill-only request's pages are freed this long after it parked (or after its
+    # last export) unless released first (engine/handoff.py): a lost handoff is bounded.
+    park_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
@@ -62,6 +65,8 @@ class EngineConfig:
             raise ValueError("max_step_tokens must be >= max_seqs (one decode token each)")
         if self.decode_steps < 1:
             raise ValueError("decode_steps must be >= 1")
+        if not self.park_timeout_s > 0:
+            raise ValueError("park_timeout_s must be > 0")
         if self.cache_event_capacity < 1:
             raise ValueError("cache_event_capacity must be >= 1")
 

@@ -26,6 +26,7 @@ from meshserve.engine.config import EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.experts import routing_stats
 from meshserve.engine.handle import RequestHandle
+from meshserve.engine.handoff import DisaggregationMixin, Handoffs
 from meshserve.engine.kv_pool import plan_num_pages
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
 from meshserve.engine.packing import PACKED_EXPERTS, pack_weights, packing_applies
@@ -52,7 +53,7 @@ class EngineDeadError(RuntimeError):
     """The engine stopped or failed and accepts no requests."""
 
 
-class Engine:
+class Engine(DisaggregationMixin):
     def __init__(
         self,
         model: ShardedModel,
@@ -119,6 +120,7 @@ class Engine:
         # and batch arrays), "transfer" (inputs to the devices), "dispatch" (launching the
         # program), "device_wait" (blocked on the results), "results" (applying them).
         self.step_observer: Callable[[str, float], None] | None = None
+        self._handoff = Handoffs(self)  # prefill/decode disaggregation (engine/handoff.py)
 
     # -- public API --------------------------------------------------------------------
     @property
@@ -136,11 +138,31 @@ class Engine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | bytes = b"",
+        prefill_only: bool = False,
     ) -> RequestHandle:
         """Queue a request. Requests with different `cache_salt`s never share KV pages (a
-        salt never matches pages stored without it): tenant isolation."""
+        salt never matches pages stored without it): tenant isolation. `prefill_only`: stop
+        after the first token and park the KV for `export_kv` (engine/handoff.py)."""
         params = (params or SamplingParams()).validate(self.vocab_size, self.config.max_logprobs)
         salt = cache_salt.encode() if isinstance(cache_salt, str) else bytes(cache_salt)
+        prompt = self.check_prompt(prompt_ids, params)
+        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
+        eos = () if params.ignore_eos else self.model.config.eos_token_ids
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt,
+            params=params,
+            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
+            stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
+            priority=priority,
+            cache_root=root_digest(salt),
+            prefill_only=prefill_only,
+        )
+        return self._submit(seq)
+
+    def check_prompt(self, prompt_ids: Seq[int], params: SamplingParams) -> list[int]:
+        """The prompt as ints, or InvalidRequestError (ids, lengths, pages)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
@@ -160,18 +182,10 @@ class Engine:
                 f"the request needs {self.scheduler.pages_for(total)} KV pages; "
                 f"the cache has {self.num_pages}"
             )
-        request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
-        eos = () if params.ignore_eos else self.model.config.eos_token_ids
-        seq = Sequence(
-            request_id=request_id,
-            prompt_ids=prompt,
-            params=params,
-            seed=params.seed if params.seed is not None else self._seeds.getrandbits(63),
-            stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
-            priority=priority,
-            cache_root=root_digest(salt),
-        )
+        return prompt
+
+    def _submit(self, seq: Sequence) -> RequestHandle:
+        request_id, prompt = seq.request_id, seq.prompt_ids
         handle = RequestHandle(request_id, self)
         with self._lock:
             if not self.healthy:
@@ -198,7 +212,7 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         with self._lock:
             if request_id not in self._live:
-                return False
+                return self._handoff.release(request_id)
             self._aborts.append(request_id)
             self._lock.notify_all()
         return True
@@ -223,6 +237,7 @@ class Engine:
             prefix_cache_queries=s.prefix_queries,
             prefix_cache_hits=s.prefix_hits,
             cached_pages=s.cached_pages(),
+            parked=self._handoff.parked,
             **routing_stats(self._expert_tokens, self.model.rules.axis_size("experts")),
         )
 
@@ -268,8 +283,9 @@ class Engine:
                     and not self.scheduler.num_running
                     and not self.scheduler.waiting
                     and self._chained is None
+                    and not self._handoff.has_work()
                 ):
-                    self._lock.wait()
+                    self._lock.wait(self._handoff.wait_timeout())
                 if self._stopping:
                     return
             try:
@@ -290,6 +306,7 @@ class Engine:
             if entry and entry[0].status is not Status.FINISHED:
                 self.scheduler.finish(entry[0], "abort")
                 self._emit(entry[0], entry[1])
+        self._handoff.run_tasks()
 
     def _observe(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -310,6 +327,7 @@ class Engine:
             for rows in plan.shards:
                 for item in rows:
                     item.seq.first_scheduled = item.seq.first_scheduled or now
+            self._handoff.before_launch(plan)  # imported KV into its pages
             inputs = build_inputs(plan, self.config, self.pages_per_seq, 0)
             self._observe("schedule", started)
             pending = self.launch(inputs, plan.decode)
@@ -432,7 +450,9 @@ class Engine:
                             break
                 if seq.status is Status.RUNNING:
                     self.scheduler.commit(seq)
-                self._emit(seq, self._live[seq.request_id][1])
+                handle = self._live[seq.request_id][1]
+                if not self._handoff.maybe_park(seq, handle):
+                    self._emit(seq, handle)
 
     def _append(self, seq: Sequence, out, k: int, shard: int, row: int) -> bool:
         token = int(out.tokens[k, shard, row])
@@ -495,6 +515,7 @@ class Engine:
         with self._lock:
             live = list(self._live.values())
             self._inbox.clear()
+        self._handoff.fail_all(message)
         for seq, handle in live:
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, reason)

@@ -62,6 +62,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     cached_pages: int = 0  # pages in the prefix cache, held or not
+    parked: int = 0  # prefill-only requests holding pages until exported (engine/handoff.py)
     # MoE models only (None / 0 for dense ones): token slots routed to each expert of each
     # MoE layer since the engine started ([moe_layers, experts], real tokens only), over
     # how many expert devices the experts are split, and per layer the busiest expert

@@ -87,6 +87,17 @@ class Scheduler:
         if seq in self.waiting:
             self.waiting.remove(seq)
 
+    def park(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch (slot freed) keeping its pages (handoff.py)."""
+        self.running[seq.shard].remove(seq)
+        self._free_slots[seq.shard].append(seq.slot)
+        seq.slot = None
+
+    def release_parked(self, seq: Sequence) -> None:
+        if seq.shard is not None:
+            self.allocators[seq.shard].release(seq.pages)
+        seq.pages, seq.shard, seq.pages_cached = [], None, 0
+
     def commit(self, seq: Sequence, valid: int | None = None) -> None:
         """Cache the full pages among `seq`'s first `valid` tokens (default: all computed).
 
@@ -167,8 +178,8 @@ class Scheduler:
         """The cached pages `seq` may start from on `shard`: full pages only, and never its
         last token (see prefix_cache.reusable_tokens), so the first token it computes
         goes into a page of its own."""
-        if not self.cfg.prefix_caching:
-            return []
+        if not self.cfg.prefix_caching or seq.kv_import is not None:
+            return []  # an imported sequence brings its KV
         usable = reusable_tokens(len(seq.prompt_ids), seq.num_tokens, seq.params)
         pages = usable // self.cfg.page_size
         return self.allocators[shard].lookup(self._digests(seq, pages)) if pages else []
@@ -279,6 +290,8 @@ class Scheduler:
             alloc.acquire(hits)
             seq.pages_cached = len(hits)
             seq.num_computed = len(hits) * self.cfg.page_size
+            if seq.kv_import is not None:  # copied in before this step (handoff.py)
+                seq.num_computed = seq.kv_import.num_computed
             if seq.cached_tokens is None:  # first admission: what the request reports
                 seq.cached_tokens = seq.num_computed
                 if self.cfg.prefix_caching:

@@ -14,6 +14,7 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    PARKED = "parked"  # prefill-only, first token out: holds its pages, no batch slot
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +47,10 @@ class Sequence:
     page_digests: list[bytes] = dataclasses.field(default_factory=list)
     pages_cached: int = 0
     cached_tokens: int | None = None
+    # Disaggregation (engine/handoff.py): park after the first token instead of decoding;
+    # or, on the decode side, the KVHandoff to copy into the pages once admitted.
+    prefill_only: bool = False
+    kv_import: object | None = None
 
     @property
     def num_tokens(self) -> int:

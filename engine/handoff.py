@@ -1,0 +1,527 @@
+"""Prefill/decode disaggregation: one engine prefills, another decodes.
+
+A prefill-only request (`Engine.add_request(..., prefill_only=True)`) runs its prompt,
+samples and streams its first token, then *parks*: it leaves the running batch (its
+batch slot is freed) but keeps its KV pages. `export_kv` gathers those pages into one
+array in logical page order — [layers, rows, page_size, 2 * kv_heads, head_dim], K/V
+interleaved as in the pool — so the payload does not depend on the prefill engine's
+layout (data shards, tensor or sequence split): any transport can move it and any
+decode layout can take it. `release_parked` frees the pages; a parked request nobody
+exports or releases is freed after `EngineConfig.park_timeout_s`.
+
+`add_prefilled` on the decode engine queues the request like any other (same waiting
+limits); once admitted (pages for the whole context plus one token are free) the KV is
+scattered into its pages by a jitted update that donates the pool, right before the
+step that feeds the first token, and decoding continues. Everything else the decode side
+needs follows from token ids: sampling randomness depends only on (seed, token index),
+so the handoff carries the seed in use, and penalty statistics are rebuilt from the
+tokens fed so far (engine/sampler.py).
+
+Scheduler state belongs to the engine thread: export, release and expiry run there, as
+tasks queued under the engine's lock between steps (the pool arrays are replaced by
+every step, so only that thread may read them).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meshserve.engine.detokenizer import IncrementalDetokenizer
+from meshserve.engine.handle import RequestHandle
+from meshserve.engine.outputs import StreamChunk, Usage
+from meshserve.engine.paged_attention import CACHE_AXES
+from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from meshserve.engine.sequence import Sequence, Status
+
+if TYPE_CHECKING:
+    from meshserve.engine.scheduler import StepPlan
+
+# The finish reason of a prefill-only request's last chunk: its first token is out and
+# its KV waits, parked, for export_kv (the client's stream goes on elsewhere).
+PREFILLED = "prefilled"
+# Logical axes of the handoff array: the kv channels stay split as the pool's are.
+HANDOFF_AXES = (None, None, "page_slot", "kv_channels", "head_dim")
+DESCRIPTION_VERSION = 1
+
+
+class HandoffError(InvalidRequestError):
+    """A handoff this engine cannot take (another model or pool layout, bad ids or
+    lengths); the message says what differs."""
+
+
+class NotParkedError(LookupError):
+    """No parked request has this id (never prefill-only, already released or expired)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """What a handoff's KV array is, in plain numbers: a transport checks the metadata it
+    received against the array it holds (and the decode engine against its pool) before
+    anything is copied into pages."""
+
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    pages: int  # pages holding the request's computed tokens, in order
+    rows: int  # rows of the array (a power-of-two bucket >= pages; the rest are zeros)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, self.rows, self.page_size, 2 * self.num_kv_heads,
+                self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+    def check_array(self, kv: Any) -> None:
+        shape, dtype = tuple(np.shape(kv)), str(jnp.dtype(kv.dtype))
+        if shape != self.shape or dtype != self.dtype:
+            raise HandoffError(f"the KV array is {dtype}{list(shape)}, its layout says "
+                               f"{self.dtype}{list(self.shape)}")
+
+    def check_pool(self, pool: KVLayout) -> None:
+        """Raise unless KV of this layout fits a pool described by `pool` (pages, rows
+        ignored)."""
+        keys = ("num_layers", "page_size", "num_kv_heads", "head_dim", "dtype")
+        diff = [f"{k} {getattr(self, k)} != {getattr(pool, k)}" for k in keys
+                if getattr(self, k) != getattr(pool, k)]
+        if diff:
+            raise HandoffError("the handoff's KV does not fit this engine's pool: "
+                               + ", ".join(diff))
+        if not 0 < self.pages <= self.rows:
+            raise HandoffError(f"the layout has {self.pages} pages in {self.rows} rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVHandoff:
+    """A prefilled request, ready to decode elsewhere.
+
+    `num_computed` tokens (the prompt) have their K/V in `kv`; `output_ids` (the first
+    token, already streamed by the prefill side) are sampled but not yet fed. `seed` is
+    the seed the prefill engine sampled with (drawn if the request had none): with it
+    the decode side samples exactly what the prefill engine would have. `kv` lives on
+    the prefill engine's mesh (None in a description sent ahead of the array)."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    num_computed: int
+    priority: int
+    cache_root: bytes  # the prefix-cache chain root (from the cache salt)
+    cached_tokens: int  # prompt tokens the prefill engine found in its prefix cache
+    layout: KVLayout
+    kv: jax.Array | None = None
+    queue_ms: float | None = None  # prefill side: arrival → first scheduled
+    prefill_ms: float | None = None  # prefill side: first scheduled → first token
+
+    def describe(self) -> dict[str, Any]:
+        """Everything but the array, JSON-safe (for a side channel)."""
+        return {
+            "version": DESCRIPTION_VERSION,
+            "request_id": self.request_id,
+            "prompt_ids": list(self.prompt_ids),
+            "output_ids": list(self.output_ids),
+            "params": {**dataclasses.asdict(self.params), "stop": list(self.params.stop),
+                       "stop_token_ids": list(self.params.stop_token_ids)},
+            "seed": self.seed,
+            "num_computed": self.num_computed,
+            "priority": self.priority,
+            "cache_root": self.cache_root.hex(),
+            "cached_tokens": self.cached_tokens,
+            "layout": dataclasses.asdict(self.layout),
+            "queue_ms": self.queue_ms,
+            "prefill_ms": self.prefill_ms,
+        }
+
+    @classmethod
+    def from_description(cls, desc: Mapping[str, Any], kv: Any = None) -> KVHandoff:
+        """The inverse of `describe` (with the array, if it is there); malformed input
+        raises HandoffError, never anything else."""
+        try:
+            if desc["version"] != DESCRIPTION_VERSION:
+                raise HandoffError(f"handoff description version {desc['version']!r}, "
+                                   f"expected {DESCRIPTION_VERSION}")
+            p = dict(desc["params"])
+            params = SamplingParams(**{**p, "stop": tuple(str(s) for s in p["stop"])})
+            layout = KVLayout(**{k: (str if k == "dtype" else int)(v)
+                                 for k, v in dict(desc["layout"]).items()})
+            out = cls(
+                request_id=str(desc["request_id"]),
+                prompt_ids=tuple(int(t) for t in desc["prompt_ids"]),
+                output_ids=tuple(int(t) for t in desc["output_ids"]),
+                params=params, seed=int(desc["seed"]), num_computed=int(desc["num_computed"]),
+                priority=int(desc["priority"]), cache_root=bytes.fromhex(desc["cache_root"]),
+                cached_tokens=int(desc["cached_tokens"]), layout=layout, kv=kv,
+                queue_ms=_opt_float(desc.get("queue_ms")),
+                prefill_ms=_opt_float(desc.get("prefill_ms")),
+            )
+        except HandoffError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise HandoffError(f"malformed handoff description: {type(e).__name__}: {e}"
+                               ) from None
+        if kv is not None:
+            layout.check_array(kv)
+        return out
+
+    def with_kv(self, kv: Any) -> KVHandoff:
+        self.layout.check_array(kv)
+        return dataclasses.replace(self, kv=kv)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _bucket(pages: int, limit: int) -> int:
+    """Powers of two (capped at a sequence's page count): few gather/scatter programs."""
+    return min(1 << max(0, pages - 1).bit_length(), max(limit, pages))
+
+
+@dataclasses.dataclass
+class _Parked:
+    seq: Sequence
+    deadline: float
+    exporting: bool = False
+
+
+class Handoffs:
+    """One engine's parked requests and the programs that move KV in and out of its pool
+    (engine thread only, except where a method says otherwise)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._lock: threading.Condition = engine._lock
+        self._parked: dict[str, _Parked] = {}
+        self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            collections.deque())
+        rules = engine.model.rules
+        self._rules = rules
+        self.kv_split = rules.axis_size("kv_split")
+        self._gather = jax.jit(self._gather_impl)
+        self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
+        self._set_stats = jax.jit(self._set_stats_impl, donate_argnums=(0, 1))
+        self.expired = 0
+        self.exported = 0
+        self.imported = 0
+
+    # -- layouts -----------------------------------------------------------------------
+    def pool_layout(self, pages: int = 1, rows: int = 1) -> KVLayout:
+        mc, cfg = self._engine.model.config, self._engine.config
+        return KVLayout(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim,
+                        str(jnp.dtype(self._engine.model.dtype)), pages, rows)
+
+    def handoff_sharding(self, layout: KVLayout) -> jax.sharding.NamedSharding:
+        return self._rules.sharding(HANDOFF_AXES, layout.shape)
+
+    def _rows(self, shard: int, pages: list[int]) -> np.ndarray:
+        """Rows of the pool array holding a shard's pages (paged_attention.py's layout:
+        with a split S, page p sits on split device p % S at local row p // S)."""
+        n, s = self._engine.num_pages, self.kv_split
+        p = np.asarray(pages, np.int64)
+        return (shard * n + (p % s) * (n // s) + p // s).astype(np.int32)
+
+    # -- jitted programs ---------------------------------------------------------------
+    def _gather_impl(self, kv, rows):
+        # Out-of-range rows (padding) come back as zeros, never another request's KV.
+        out = jnp.stack([layer.at[rows].get(mode="fill", fill_value=0) for layer in kv])
+        return self._rules.constrain(out, HANDOFF_AXES)
+
+    def _scatter_impl(self, kv, data, rows):
+        return [self._rules.constrain(layer.at[rows].set(data[i], mode="drop"), CACHE_AXES)
+                for i, layer in enumerate(kv)]
+
+    def _set_stats_impl(self, counts, seen, shard, slot, fed, outputs):
+        vocab = counts.shape[-1]
+        seen_row = jnp.zeros((vocab,), bool).at[fed].set(True, mode="drop")
+        count_row = jnp.zeros((vocab,), counts.dtype).at[outputs].add(1, mode="drop")
+        stats = ("cache_batch", None, None)
+        counts = self._rules.constrain(counts.at[shard, slot].set(count_row), stats)
+        seen = self._rules.constrain(seen.at[shard, slot].set(seen_row), stats)
+        return counts, seen
+
+    # -- the prefill side --------------------------------------------------------------
+    def maybe_park(self, seq: Sequence, handle: RequestHandle) -> bool:
+        """After a step: park a prefill-only sequence that has its first token (and did
+        not finish with it), streaming that token with finish_reason PREFILLED."""
+        if not seq.prefill_only or not seq.output_ids or seq.status is not Status.RUNNING:
+            return False
+        eng = self._engine
+        eng.scheduler.park(seq)
+        seq.status = Status.PARKED
+        with self._lock:
+            self._parked[seq.request_id] = _Parked(
+                seq, time.monotonic() + eng.config.park_timeout_s)
+            eng._live.pop(seq.request_id, None)
+            self._lock.notify_all()  # the loop's wait now has a deadline
+        new = tuple(seq.output_ids[seq.sent_tokens:])
+        seq.sent_tokens = len(seq.output_ids)
+        logprobs, seq.pending_logprobs = tuple(seq.pending_logprobs), []
+        ms = lambda t: None if t is None else (t - seq.arrival) * 1e3  # noqa: E731
+        # Held-back text stays in the detokenizer: the decode side's copy holds it too.
+        handle.put(StreamChunk(
+            request_id=seq.request_id, token_ids=new, text=seq.detokenizer.take(),
+            logprobs=logprobs, finish_reason=PREFILLED,
+            usage=Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens or 0),
+            queue_ms=ms(seq.first_scheduled), ttft_ms=ms(seq.first_token),
+        ))
+        return True
+
+    def export(self, request_id: str, timeout: float) -> KVHandoff:
+        """(Any thread.) The parked request's handoff; its pages stay held."""
+        with self._lock:
+            entry = self._parked.get(request_id)
+            if entry is None:
+                raise NotParkedError(f"request {request_id!r} is not parked")
+            entry.exporting = True  # no expiry while its pages are being read
+        try:
+            return self._call(lambda: self._export(request_id), timeout)
+        finally:
+            with self._lock:  # the exporter has park_timeout_s again to release it
+                entry.exporting = False
+                entry.deadline = time.monotonic() + self._engine.config.park_timeout_s
+
+    def _export(self, request_id: str) -> KVHandoff:
+        with self._lock:
+            entry = self._parked.get(request_id)
+        if entry is None:
+            raise NotParkedError(f"request {request_id!r} is no longer parked")
+        seq, eng = entry.seq, self._engine
+        pages = eng.scheduler.pages_for(seq.num_computed)
+        layout = self.pool_layout(pages, _bucket(pages, eng.pages_per_seq))
+        rows = np.full(layout.rows, eng.num_pages * eng.data_shards, np.int32)
+        rows[:pages] = self._rows(seq.shard, seq.pages[:pages])
+        kv = self._gather(eng._kv, rows)
+        self.exported += 1
+        ms = lambda a, b: None if a is None or b is None else (b - a) * 1e3  # noqa: E731
+        return KVHandoff(
+            request_id=seq.request_id, prompt_ids=tuple(seq.prompt_ids),
+            output_ids=tuple(seq.output_ids), params=seq.params, seed=seq.seed,
+            num_computed=seq.num_computed, priority=seq.priority, cache_root=seq.cache_root,
+            cached_tokens=seq.cached_tokens or 0, layout=layout, kv=kv,
+            queue_ms=ms(seq.arrival, seq.first_scheduled),
+            prefill_ms=ms(seq.first_scheduled, seq.first_token),
+        )
+
+    def release(self, request_id: str) -> bool:
+        """(Any thread.) Free a parked request's pages (by the engine's next turn); False
+        if it is not parked."""
+        with self._lock:
+            if request_id not in self._parked:
+                return False
+            self._tasks.append((lambda: self._release(request_id), None))
+            self._lock.notify_all()
+        if self._engine._thread is None:
+            self.run_tasks()
+        return True
+
+    def _release(self, request_id: str) -> None:
+        with self._lock:
+            entry = self._parked.pop(request_id, None)
+        if entry is not None:
+            self._engine.scheduler.release_parked(entry.seq)
+            entry.seq.status = Status.FINISHED
+
+    @property
+    def parked(self) -> int:
+        with self._lock:
+            return len(self._parked)
+
+    def parked_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._parked)
+
+    # -- the decode side ---------------------------------------------------------------
+    def receive(self, handoff: KVHandoff) -> KVHandoff:
+        """(Any thread.) The handoff with its KV on this engine's mesh, copied there and
+        resharded by jax.device_put; blocks until the copy is done."""
+        if handoff.kv is None:
+            raise HandoffError("the handoff carries no KV array")
+        handoff.layout.check_pool(self.pool_layout())
+        handoff.layout.check_array(handoff.kv)
+        sharding = self.handoff_sharding(handoff.layout)
+        if getattr(handoff.kv, "sharding", None) == sharding:
+            return handoff
+        kv = jax.block_until_ready(jax.device_put(handoff.kv, sharding))
+        return dataclasses.replace(handoff, kv=kv)
+
+    def new_sequence(self, handoff: KVHandoff, request_id: str, priority: int | None
+                     ) -> Sequence:
+        """(Any thread.) A sequence that continues `handoff` once admitted."""
+        eng = self._engine
+        layout = handoff.layout
+        layout.check_pool(self.pool_layout())
+        prompt, output = list(handoff.prompt_ids), list(handoff.output_ids)
+        if not output or handoff.num_computed != len(prompt) + len(output) - 1:
+            raise HandoffError(
+                f"the handoff must have every token but the last sampled one computed "
+                f"({handoff.num_computed} computed of {len(prompt)} prompt + "
+                f"{len(output)} output tokens)")
+        if layout.pages != eng.scheduler.pages_for(handoff.num_computed):
+            raise HandoffError(f"{layout.pages} KV pages for {handoff.num_computed} tokens "
+                               f"of {layout.page_size} per page")
+        params = handoff.params.validate(eng.vocab_size, eng.config.max_logprobs)
+        if len(output) >= params.max_tokens:
+            raise HandoffError(f"{len(output)} tokens out already; max_tokens is "
+                               f"{params.max_tokens}")
+        eng.check_prompt(prompt, params)
+        bad = [t for t in output if not 0 <= t < eng.vocab_size]
+        if bad:
+            raise HandoffError(f"output ids {bad[:5]} are outside the vocabulary")
+        eos = () if params.ignore_eos else eng.model.config.eos_token_ids
+        detok = IncrementalDetokenizer(eng.tokenizer, prompt, params.stop)
+        for t in output:  # the same state the prefill side's detokenizer is in
+            detok.add(t)
+        detok.take()  # that text was streamed by the prefill side
+        return Sequence(
+            request_id=request_id, prompt_ids=prompt, params=params, seed=handoff.seed,
+            stop_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
+            detokenizer=detok,
+            priority=handoff.priority if priority is None else priority,
+            output_ids=output, sent_tokens=len(output), cache_root=handoff.cache_root,
+            cached_tokens=handoff.cached_tokens, kv_import=handoff,
+        )
+
+    def before_launch(self, plan: StepPlan) -> None:
+        """Copy the KV of sequences admitted in `plan` into their pages (and rebuild their
+        penalty statistics) before the step that feeds their first token."""
+        eng = self._engine
+        for shard, items in enumerate(plan.shards):
+            for item in items:
+                seq = item.seq
+                handoff = seq.kv_import
+                if handoff is None or seq.status is not Status.RUNNING:
+                    continue
+                seq.kv_import = None
+                layout = handoff.layout
+                rows = np.full(layout.rows, eng.num_pages * eng.data_shards, np.int32)
+                rows[: layout.pages] = self._rows(shard, seq.pages[: layout.pages])
+                eng._kv = self._scatter(eng._kv, handoff.kv, rows)
+                self.imported += 1
+                p = seq.params
+                if (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) != (1, 0, 0):
+                    self._rebuild_stats(seq, shard)
+
+    def _rebuild_stats(self, seq: Sequence, shard: int) -> None:
+        """The slot's statistics as if this engine had fed the computed tokens: every fed
+        token seen, fed output tokens counted (the step would reset a fresh slot)."""
+        eng = self._engine
+        fed = seq.all_tokens[: seq.num_computed]
+        size = eng.max_model_len
+        pad = lambda ids: np.asarray(  # noqa: E731
+            list(ids) + [eng.vocab_size] * (size - len(ids)), np.int32)
+        outputs = fed[len(seq.prompt_ids):]
+        eng._counts, eng._seen = self._set_stats(
+            eng._counts, eng._seen, np.int32(shard), np.int32(seq.slot), pad(fed), pad(outputs))
+        seq.fresh_slot = False
+
+    # -- the engine loop ---------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._tasks.append((fn, future))
+            self._lock.notify_all()
+        if self._engine._thread is None or threading.current_thread() is self._engine._thread:
+            self.run_tasks()
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the engine did not answer within {timeout} s") from None
+
+    def has_work(self) -> bool:
+        """(Under the engine lock.) Tasks are queued or a parked request has expired."""
+        if self._tasks:
+            return True
+        now = time.monotonic()
+        return any(e.deadline <= now and not e.exporting for e in self._parked.values())
+
+    def wait_timeout(self) -> float | None:
+        """(Under the engine lock.) How long the idle loop may sleep: until the next
+        parked request expires."""
+        if not self._parked:
+            return None
+        return max(0.0, min(e.deadline for e in self._parked.values()) - time.monotonic())
+
+    def run_tasks(self) -> None:
+        """Run queued tasks and free expired parked requests (engine thread)."""
+        now = time.monotonic()
+        with self._lock:
+            tasks, self._tasks = list(self._tasks), collections.deque()
+            expired = [rid for rid, e in self._parked.items()
+                       if e.deadline <= now and not e.exporting]
+        for fn, future in tasks:
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                if future is None:
+                    raise
+                future.set_exception(e)
+            else:
+                if future is not None:
+                    future.set_result(result)
+        for rid in expired:
+            self.expired += 1
+            self._release(rid)
+
+    def fail_all(self, message: str) -> None:
+        """The engine stopped: nothing stays parked, no caller waits."""
+        from meshserve.engine.engine import EngineDeadError
+
+        with self._lock:
+            tasks, self._tasks = list(self._tasks), collections.deque()
+            self._parked.clear()
+        for _, future in tasks:
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(EngineDeadError(message))
+
+
+class DisaggregationMixin:
+    """The engine's prefill/decode handoff API (see the module docstring)."""
+
+    _handoff: Handoffs
+
+    def export_kv(self, request_id: str, timeout: float = 30.0) -> KVHandoff:
+        """The parked request's KVHandoff (its KV gathered on this engine's mesh; pages
+        stay held until `release_parked`). Raises NotParkedError, TimeoutError."""
+        return self._handoff.export(request_id, timeout)
+
+    def release_parked(self, request_id: str) -> bool:
+        """Free a parked request's pages (done by the engine's next turn); False if it is
+        not parked. `abort` does the same for a parked request."""
+        return self._handoff.release(request_id)
+
+    def receive_kv(self, handoff: KVHandoff) -> KVHandoff:
+        """The handoff with its KV copied onto this engine's mesh (blocks until there):
+        what `add_prefilled` does first, separate so a caller can time the transfer."""
+        return self._handoff.receive(handoff)
+
+    def add_prefilled(self, handoff: KVHandoff, request_id: str | None = None,
+                      priority: int | None = None) -> RequestHandle:
+        """Queue a prefilled request to decode here. Its stream starts after the tokens
+        the prefill side streamed (never repeating them); the final usage counts all of
+        them. Raises HandoffError (InvalidRequestError), EngineOverloadedError,
+        EngineDeadError as `add_request` does."""
+        handoff = self.receive_kv(handoff)
+        seq = self._handoff.new_sequence(handoff, request_id or handoff.request_id, priority)
+        return self._submit(seq)
+
+    def parked_requests(self) -> list[str]:
+        return self._handoff.parked_ids()
