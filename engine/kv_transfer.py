@@ -159,7 +159,11 @@ def plan_pull(offered: Sequence[ArrayLayout], destination: Sequence[jax.ShapeDty
             raise LayoutMismatchError(
                 f"array {i}: offered {off.describe()}, destination is {want.describe()} "
                 f"(the transfer does not reshard)")
-        staged = _sharding_for(off, list(dst.sharding.mesh.devices.flat))
+        # Staged on the destination's devices first, then on this process's others (an
+        # offer split wider than the destination needs that many devices for a moment).
+        mine = list(dst.sharding.mesh.devices.flat)
+        staged = _sharding_for(off, mine + [d for d in jax.local_devices(
+            backend=mine[0].platform) if d not in mine])
         if layout_of(off.shape, off.dtype, staged) != off:
             raise LayoutMismatchError(f"array {i}: cannot rebuild {off.describe()} here")
         stage.append(staged)

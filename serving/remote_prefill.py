@@ -89,6 +89,14 @@ class PeerFailed(Exception):
         self.kind, self.retry = kind, retry
 
 
+def _status_failure(code: grpc.StatusCode, details: str | None) -> PeerFailed:
+    kind = ("prefill_unavailable" if code in (grpc.StatusCode.UNAVAILABLE,
+                                              grpc.StatusCode.RESOURCE_EXHAUSTED)
+            else "prefill_timeout" if code == grpc.StatusCode.DEADLINE_EXCEEDED
+            else "prefill_error")
+    return PeerFailed(kind, f"{code.name}: {details}", retry=code not in _FINAL_CODES)
+
+
 class PrefillPeer:
     def __init__(self, target: str, options: DecodeOptions):
         self.target = target
@@ -238,12 +246,7 @@ class RemoteStream:
         except TimeoutError:
             raise PeerFailed(kind, f"no {what} within {timeout} s") from None
         except grpc.aio.AioRpcError as e:
-            kind = "prefill_unavailable" if e.code() in (
-                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else (
-                "prefill_timeout" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else
-                "prefill_error")
-            raise PeerFailed(kind, f"{e.code().name}: {e.details()}",
-                             retry=e.code() not in _FINAL_CODES) from None
+            raise _status_failure(e.code(), e.details()) from None
         if m is grpc.aio.EOF:
             raise PeerFailed("prefill_error", f"the peer ended the call before the {what}")
         return m
@@ -260,9 +263,12 @@ class RemoteStream:
             try:
                 await asyncio.wait_for(call.write(ipb.PrefillClientMessage(
                     start=ipb.PrefillStart(request=self.request))), o.prefill_timeout_s)
-            except (TimeoutError, grpc.aio.AioRpcError) as e:
-                raise PeerFailed("prefill_unavailable", f"could not send the request: {e}"
-                                 ) from None
+            except TimeoutError:
+                raise PeerFailed("prefill_unavailable", "could not send the request in "
+                                 f"{o.prefill_timeout_s} s") from None
+            except Exception:  # noqa: BLE001 - the call ended: its status says why
+                code = await asyncio.wait_for(call.code(), o.prefill_timeout_s)
+                raise _status_failure(code, await call.details()) from None
             while True:
                 msg = await self._read(call, o.prefill_timeout_s, "prefill_timeout",
                                        "first token")

@@ -12,9 +12,6 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 4)
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
@@ -35,11 +32,19 @@ def arrays() -> list[jax.Array]:
 def main() -> None:
     transport = KVTransport("127.0.0.1:0", ttl_s=float(sys.argv[1]) if len(sys.argv) > 1
                             else 60.0)
-    offer = transport.offer(arrays())
-    print(json.dumps({"address": transport.address, "uuid": offer.uuid,
-                      "layouts": [dataclasses.asdict(x) for x in offer.layouts]}), flush=True)
+    def announce():
+        offer = transport.offer(arrays())
+        print(json.dumps({"address": transport.address, "uuid": offer.uuid,
+                          "layouts": [dataclasses.asdict(x) for x in offer.layouts]}),
+              flush=True)
+        return offer
+
+    offer = announce()
     for line in sys.stdin:
         cmd = line.strip()
+        if cmd == "offer":
+            offer = announce()
+            continue
         if cmd == "withdraw":
             transport.withdraw(offer.uuid)
         elif cmd == "expire":
@@ -53,4 +58,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    jax.config.update("jax_num_cpu_devices", 4)  # only here: the tests import arrays()
     main()

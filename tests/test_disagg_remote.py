@@ -35,38 +35,49 @@ from tests.serving_fixtures import (  # noqa: F401
 )
 
 PREFILL_FLAGS = ("--warmup=false", *SERVING_FLAGS, "--role", "prefill", "--kv-offer-ttl", "20")
+TOKEN = b"peer-token-0123456789"
+AUTH = (("authorization", "Bearer " + TOKEN.decode()),)
 # Mixed prompt lengths (1 to 5 pages of 16) and output lengths.
 CASES = [(list(range(3, 3 + n)), m) for n, m in ((5, 6), (17, 9), (40, 4), (70, 12), (1, 7),
                                                   (33, 1))]
 
 
-def _prefill_server(ckpt: str) -> ServeProcess:
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("disagg") / "token"
+    path.write_bytes(TOKEN + b"\n")
+    return str(path)
+
+
+def _prefill_server(ckpt: str, token_file: str) -> ServeProcess:
     from tests.serving_fixtures import subprocess_env
 
-    return ServeProcess("--checkpoint", ckpt, *PREFILL_FLAGS, env=subprocess_env())
+    return ServeProcess("--checkpoint", ckpt, *PREFILL_FLAGS, "--auth-token-file", token_file,
+                        env=subprocess_env())
 
 
 @pytest.fixture(scope="module")
-def prefill_peer(demo_ckpt):  # noqa: F811
-    with _prefill_server(demo_ckpt) as p:
+def prefill_peer(demo_ckpt, token_file):  # noqa: F811
+    with _prefill_server(demo_ckpt, token_file) as p:
         yield p
 
 
 def _decode(model, *peers: str, **kw) -> ServerThread:
     options = DecodeOptions(prefill_peers=peers, prefill_timeout_s=kw.pop("prefill_timeout", 20.0),
                             transfer_timeout_s=kw.pop("transfer_timeout", 30.0),
-                            failure_backoff_s=kw.pop("backoff", 0.0))
+                            failure_backoff_s=kw.pop("backoff", 0.0),
+                            peer_auth_token=kw.pop("token", TOKEN))
     return ServerThread(model, disagg=DisaggOptions(role="decode", decode=options))
 
 
-def _run(target: str, cases) -> list[tuple[list[int], str, object]]:
+def _run(target: str, cases, metadata=()) -> list[tuple[list[int], str, object]]:
     channel, stub = stub_for(target)
 
     def one(i: int):
         ids, n = cases[i]
         out = list(stub.Generate(request(token_ids=ids, max_tokens=n, ignore_eos=True,
                                          request_id=f"r{i}-{os.getpid()}-{time.monotonic_ns()}"),
-                                 timeout=120))
+                                 timeout=120, metadata=metadata))
         return tokens_of(out), "".join(r.text for r in out), out[-1]
 
     with channel, concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
@@ -82,7 +93,7 @@ def _peer_idle(target: str, timeout: float = 10.0) -> ipb.Load:
         stub = ipb_grpc.PrefillStub(channel)
         deadline = time.monotonic() + timeout
         while True:
-            load = stub.GetLoad(ipb.LoadRequest(), timeout=5)
+            load = stub.GetLoad(ipb.LoadRequest(), timeout=5, metadata=AUTH)
             if (load.pending_offers == 0 and load.running == 0 and load.waiting == 0
                     and load.free_pages == load.total_pages):
                 return load
@@ -116,10 +127,35 @@ def test_remote_prefill_outputs_equal_colocated(demo_model, prefill_peer):  # no
         decode.stop()
 
 
+def test_internal_api_needs_the_token(demo_model, prefill_peer):  # noqa: F811
+    with grpc.insecure_channel(prefill_peer.target) as channel:
+        stub = ipb_grpc.PrefillStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetLoad(ipb.LoadRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        start = ipb.PrefillClientMessage(start=ipb.PrefillStart(request=request(
+            token_ids=[1, 2, 3], max_tokens=4, request_id="no-token")))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Prefill(iter([start]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A decode server with the wrong token fails the request at once, without a retry.
+    decode = _decode(demo_model, prefill_peer.target, token=b"wrong-token-0123456789")
+    try:
+        channel, stub = stub_for(decode.target)
+        with channel, pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request(token_ids=[1, 2, 3], max_tokens=4), timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "UNAUTHENTICATED" in err.value.details()
+        assert _sample(decode, "meshserve_prefill_retries_total") == 0
+    finally:
+        decode.stop()
+
+
 def test_prefill_peer_killed_after_first_token_then_retried(demo_ckpt, demo_model,  # noqa: F811
-                                                            prefill_peer):
-    doomed = _prefill_server(demo_ckpt)
-    want = _run(prefill_peer.target, CASES[3:4])[0][0]  # colocated on the peer itself
+                                                            prefill_peer, token_file):
+    doomed = _prefill_server(demo_ckpt, token_file)
+    # Colocated on the peer itself: a prefill server answers public Generate too.
+    want = _run(prefill_peer.target, CASES[3:4], AUTH)[0][0]
     decode = _decode(demo_model, doomed.target, prefill_peer.target)
     channel, stub = stub_for(decode.target)
     try:

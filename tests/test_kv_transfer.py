@@ -29,11 +29,15 @@ def peer():
                              cwd=REPO, env=os.environ | subprocess_env(), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
         procs.append(p)
-        meta = json.loads(p.stdout.readline())
-        meta["layouts"] = [kt.ArrayLayout(**{k: tuple(tuple(e) if isinstance(e, list) else e
-                                                      for e in v) if isinstance(v, list) else v
-                                             for k, v in d.items()})
-                           for d in meta["layouts"]]
+
+        def read_offer() -> dict:
+            meta = json.loads(p.stdout.readline())
+            meta["layouts"] = [kt.ArrayLayout(**{
+                k: tuple(tuple(e) if isinstance(e, list) else e for e in v)
+                if isinstance(v, list) else v for k, v in d.items()}) for d in meta["layouts"]]
+            return meta
+
+        meta = read_offer()
 
         def command(cmd: str) -> dict | None:
             p.stdin.write(cmd + "\n")
@@ -41,7 +45,7 @@ def peer():
             if cmd == "exit":
                 assert p.wait(10) == 0
                 return None
-            return json.loads(p.stdout.readline())
+            return read_offer() if cmd == "offer" else json.loads(p.stdout.readline())
 
         return meta, command
 
@@ -87,6 +91,13 @@ def test_pull_bit_exact_then_reclaim_and_refusals(peer):
         local.pull(meta["address"], meta["uuid"], meta["layouts"], destination(),
                    timeout_s=1.0)
     assert time.monotonic() - t0 < 3.0 and local.stats.abandoned_pulls == 1
+    # Offered over 2 devices, wanted on 1: staged on two of ours, then gathered there.
+    meta = command("offer")
+    dst = destination(devices=slice(5, 6))
+    got = local.pull(meta["address"], meta["uuid"], meta["layouts"], dst)
+    assert got[0].sharding == dst[0].sharding
+    assert all(np.array_equal(np.asarray(g).view(np.uint8), w.view(np.uint8))
+               for g, w in zip(got, want, strict=True))
     command("exit")
 
 
