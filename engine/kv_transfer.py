@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -99,9 +99,14 @@ def _spec_entries(spec: PartitionSpec, ndim: int) -> tuple[tuple[str, ...], ...]
 
 def layout_of(shape: Sequence[int], dtype, sharding: jax.sharding.Sharding) -> ArrayLayout:
     """The layout of an array (or a destination) with this shape, dtype and sharding."""
-    if not isinstance(sharding, NamedSharding):
-        raise LayoutMismatchError(f"only NamedSharding is supported, got {type(sharding)}")
     shape = tuple(int(d) for d in shape)
+    if isinstance(sharding, SingleDeviceSharding):  # no mesh: one whole shard
+        return ArrayLayout(shape=shape, dtype=jnp.dtype(dtype).name, mesh_axes=(),
+                           mesh_shape=(), spec=((),) * len(shape), shard_shape=shape,
+                           num_shards=1)
+    if not isinstance(sharding, NamedSharding):
+        raise LayoutMismatchError(f"only NamedSharding and SingleDeviceSharding are "
+                                  f"supported, got {type(sharding).__name__}")
     mesh = sharding.mesh
     return ArrayLayout(
         shape=shape, dtype=jnp.dtype(dtype).name, mesh_axes=tuple(mesh.axis_names),
@@ -116,7 +121,9 @@ def array_layout(x: jax.Array) -> ArrayLayout:
     return layout_of(x.shape, x.dtype, x.sharding)
 
 
-def _sharding_for(layout: ArrayLayout, devices: Sequence[jax.Device]) -> NamedSharding:
+def _sharding_for(layout: ArrayLayout, devices: Sequence[jax.Device]) -> jax.sharding.Sharding:
+    if not layout.mesh_axes:
+        return SingleDeviceSharding(devices[0])
     n = int(np.prod(layout.mesh_shape, dtype=np.int64))
     if len(devices) < n:
         raise LayoutMismatchError(
@@ -133,7 +140,7 @@ class PullPlan:
     """How to pull one offer into the destination: `stage` are the shardings to pull into
     (equal to the offer's layouts), `reshard[i]` says array i needs a local device_put."""
 
-    stage: tuple[NamedSharding, ...]
+    stage: tuple[jax.sharding.Sharding, ...]
     reshard: tuple[bool, ...]
 
 
@@ -161,7 +168,7 @@ def plan_pull(offered: Sequence[ArrayLayout], destination: Sequence[jax.ShapeDty
                 f"(the transfer does not reshard)")
         # Staged on the destination's devices first, then on this process's others (an
         # offer split wider than the destination needs that many devices for a moment).
-        mine = list(dst.sharding.mesh.devices.flat)
+        mine = sorted(dst.sharding.device_set, key=lambda d: d.id)
         staged = _sharding_for(off, mine + [d for d in jax.local_devices(
             backend=mine[0].platform) if d not in mine])
         if layout_of(off.shape, off.dtype, staged) != off:
