@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -22,6 +24,7 @@ from meshserve.serving.proto import internal_pb2 as ipb
 from meshserve.serving.proto import internal_pb2_grpc as ipb_grpc
 from meshserve.serving.remote_prefill import DecodeOptions
 from tests.serving_fixtures import (  # noqa: F401
+    REPO,
     SERVING_FLAGS,
     ServeProcess,
     ServerThread,
@@ -195,7 +198,7 @@ def test_prefill_peer_killed_after_first_token_then_retried(demo_ckpt, demo_mode
         decode.stop()
 
 
-def test_decode_role_flags_are_checked():
+def test_role_flags_are_checked():
     with pytest.raises(ValueError, match="HOST:PORT"):
         DisaggOptions(role="decode", decode=DecodeOptions(prefill_peers=("nope",))).check()
     with pytest.raises(ValueError, match="--kv-transfer-insecure"):
@@ -204,3 +207,9 @@ def test_decode_role_flags_are_checked():
                   kv_transfer_insecure=True).check()
     with pytest.raises(ValueError, match="needs --role decode"):
         DisaggOptions(role="prefill", decode=DecodeOptions(prefill_peers=("h:1",))).check()
+    # The CLI refuses before loading anything.
+    done = subprocess.run([sys.executable, "-m", "meshserve.tools.cli", "serve", "--checkpoint",
+                           "/nonexistent", "--role", "prefill", "--kv-transfer-address",
+                           "10.0.0.5:7000"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--kv-transfer-insecure" in done.stderr
