@@ -256,6 +256,24 @@ class Handoffs:
         seen = self._rules.constrain(seen.at[shard, slot].set(seen_row), stats)
         return counts, seen
 
+    def warmup(self, export: bool, imports: bool) -> int:
+        """Compile the gather (export) and scatter (imports) programs of every bucket now,
+        so no handoff stalls a step for a compile; returns how many were run. They read
+        or write no page (every row is out of range)."""
+        eng = self._engine
+        sizes = sorted({_bucket(p, eng.pages_per_seq) for p in range(1, eng.pages_per_seq + 1)})
+        nowhere = eng.num_pages * eng.data_shards
+        for rows in sizes:
+            out = self._gather(eng._kv, np.full(rows, nowhere, np.int32))
+            if imports:
+                eng._kv = self._scatter(eng._kv, out, np.full(rows, nowhere, np.int32))
+        if imports:
+            fill = np.full(eng.max_model_len, eng.vocab_size, np.int32)
+            eng._counts, eng._seen = self._set_stats(
+                eng._counts, eng._seen, np.int32(0), np.int32(0), fill, fill)
+        jax.block_until_ready(eng._kv)
+        return len(sizes) * (int(export or imports) + int(imports)) + int(imports)
+
     # -- the prefill side --------------------------------------------------------------
     def maybe_park(self, seq: Sequence, handle: RequestHandle) -> bool:
         """After a step: park a prefill-only sequence that has its first token (and did
@@ -522,6 +540,11 @@ class DisaggregationMixin:
         handoff = self.receive_kv(handoff)
         seq = self._handoff.new_sequence(handoff, request_id or handoff.request_id, priority)
         return self._submit(seq)
+
+    def warmup_handoff(self, export: bool = True, imports: bool = True) -> int:
+        """Compile the handoff programs (before `start()`, like `warmup`): `export` for a
+        prefill engine, `imports` for a decode engine."""
+        return self._handoff.warmup(export, imports)
 
     def parked_requests(self) -> list[str]:
         return self._handoff.parked_ids()

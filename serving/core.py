@@ -11,16 +11,20 @@ semantics, routing and accounting, whichever protocol a request came in by.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
 from meshserve.engine.engine import EngineOverloadedError
+from meshserve.engine.handoff import PREFILLED
 from meshserve.engine.outputs import StreamChunk
 from meshserve.engine.sampling_params import InvalidRequestError
 from meshserve.models.chat import NoChatTemplateError
 from meshserve.serving import logs
 from meshserve.serving.compat_metrics import CompatMetrics
+from meshserve.serving.disagg import HandoffFailed, HandoffRecord, hand_off
 from meshserve.serving.metrics import ServingMetrics
 from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.requests import ModelLimits, NoTokenizerError, PreparedRequest, prepare
@@ -71,6 +75,13 @@ class Generation:
         self.finished_at: float | None = None
         self.closed = False
         self.failure: str | None = None
+        # Prefill/decode slices (serving/disagg.py): the slice that prefilled, once the
+        # request moved on; what the move cost; and the guard that keeps a cancelled
+        # request from starting on a decode slice.
+        self.prefill_slice = None
+        self.handoff: HandoffRecord | None = None
+        self.stage_lock = threading.Lock()
+        self.cancelled = False
 
     @property
     def request_id(self) -> str:
@@ -78,32 +89,53 @@ class Generation:
 
     async def chunks(self) -> AsyncIterator[StreamChunk]:
         """The engine's chunks up to and including the final one, timed into the metrics.
-        Raises SliceFailedError if the engine dies meanwhile or fails the request."""
-        core, index = self.core, self.slice.index
+        Raises SliceFailedError if the engine dies meanwhile or fails the request.
+        A prefill slice's last chunk is handed on as an ordinary one: the stream goes on
+        from the decode slice the request moves to."""
         last = None
-        async for chunk in self._engine_chunks():
-            now = time.perf_counter()
-            n = len(chunk.token_ids)
-            if n:
-                if last is None:
-                    self.first_token_at = now
-                    core.metrics.first_token(index, now - self.arrival)
-                    core.compat.first_token(index, now - self.arrival,
-                                            len(self.prepared.prompt_ids))
-                else:
-                    core.metrics.tokens(index, now - last, n)
-                    core.compat.tokens(index, now - last, n)
-                core.compat.generated(index, n)
-                last = now
-                self.generated += n
-            if chunk.finished:
-                if chunk.finish_reason == "abort" and chunk.error:
-                    raise SliceFailedError(chunk.error)
-                self.final, self.finished_at = chunk, now
+        moved = True
+        while moved:
+            moved = False
+            async for chunk in self._engine_chunks():
+                last = self._account(chunk, last)
+                if chunk.finish_reason == PREFILLED:
+                    if chunk.token_ids or chunk.text:
+                        yield dataclasses.replace(chunk, finish_reason=None, usage=None)
+                    try:
+                        await hand_off(self, chunk)
+                    except HandoffFailed as e:
+                        raise SliceFailedError(str(e)) from None
+                    if self.cancelled:
+                        return
+                    moved = True
+                    break
+                if chunk.finished:
+                    if chunk.finish_reason == "abort" and chunk.error:
+                        raise SliceFailedError(chunk.error)
+                    self.final, self.finished_at = chunk, time.perf_counter()
+                    yield chunk
+                    return
                 yield chunk
-                return
-            yield chunk
         raise SliceFailedError("the engine ended the stream without a final chunk")
+
+    def _account(self, chunk: StreamChunk, last: float | None) -> float | None:
+        """Time a chunk's tokens into the metrics; returns when the last tokens came."""
+        core, index = self.core, self.slice.index
+        now = time.perf_counter()
+        n = len(chunk.token_ids)
+        if n:
+            if last is None:
+                self.first_token_at = now
+                core.metrics.first_token(index, now - self.arrival)
+                core.compat.first_token(index, now - self.arrival,
+                                        len(self.prepared.prompt_ids))
+            else:
+                core.metrics.tokens(index, now - last, n)
+                core.compat.tokens(index, now - last, n)
+            core.compat.generated(index, n)
+            self.generated += n
+            return now
+        return last
 
     async def _engine_chunks(self) -> AsyncIterator[StreamChunk]:
         it = self.handle.stream().__aiter__()
@@ -132,6 +164,23 @@ class Generation:
         self.failure = message
         self.core.metrics.reject("unavailable")
 
+    def abort(self) -> None:
+        """Stop the request in the engine holding it (a parked one's pages are freed),
+        and keep a handoff under way from starting it on a decode slice."""
+        with self.stage_lock:
+            self.cancelled = True
+            holder = self.slice
+        try:
+            holder.engine.abort(self.request_id)
+        except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
+            pass
+
+    def fill_timings(self, timings: pb.Timings) -> None:
+        """The final response's per-stage timings of a request that changed slices."""
+        if self.handoff is not None and self.final is not None:
+            self.handoff.fill(timings, self.final.queue_ms,
+                              self.finished_at or time.perf_counter())
+
     def close(self) -> None:
         if self.closed:
             return
@@ -140,10 +189,7 @@ class Generation:
         if self.final is None:
             # Cancelled, disconnected, past its deadline, or failed: stop it in the engine
             # now so its pages are free by the next step instead of when max_tokens runs out.
-            try:
-                self.slice.engine.abort(rid)
-            except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
-                pass
+            self.abort()
         core.router.release(self.slice, self.prepared.cost_tokens)
         core.inflight.pop(rid, None)
         reason = self.final.finish_reason if self.final is not None else "cancelled"
@@ -155,6 +201,8 @@ class Generation:
         usage = self.final.usage if self.final is not None else None
         core.metrics.finish(self.slice.index, reason, e2e, queue_ms,
                             len(self.prepared.prompt_ids), self.generated)
+        if queue_ms is not None:
+            core.metrics.role_queue(self.slice.role, queue_ms / 1e3)
         ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
         tpot = ((end - self.first_token_at) / (self.generated - 1)
                 if self.first_token_at is not None and self.generated > 1 else None)
@@ -166,6 +214,8 @@ class Generation:
         logs.event(
             "request_finished", logging.INFO if self.failure is None else logging.WARNING,
             request_id=rid, slice=self.slice.index, peer=self.peer, finish_reason=reason,
+            prefill_slice=self.prefill_slice.index if self.prefill_slice else None,
+            transfer_ms=round(self.handoff.transfer_s * 1e3, 3) if self.handoff else None,
             prompt_tokens=len(self.prepared.prompt_ids), completion_tokens=self.generated,
             cached_tokens=usage.cached_tokens if usage else None,
             routing=self.routed.reason, matched_tokens=self.routed.matched_tokens,
@@ -191,14 +241,14 @@ class GenerationCore:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and not self.warming and bool(self.router.healthy())
+        return not self.draining and not self.warming and self.router.serving()
 
     def not_ready_reason(self) -> str | None:
         if self.draining:
             return "the server is shutting down"
         if self.warming:
             return "the server is warming up (readiness is NOT_SERVING)"
-        if not self.router.healthy():
+        if not self.router.serving():
             return "no healthy slice: every engine has stopped"
         return None
 

@@ -17,7 +17,15 @@ from meshserve.engine.engine import EngineConfig
 from meshserve.meshes import CompileCounter
 from meshserve.serving import logs
 from meshserve.serving.server import MeshServeServer, ServerOptions
-from meshserve.serving.slices import ModelInfo, Slice, build_slices, model_info
+from meshserve.serving.slices import (
+    BOTH,
+    DECODE,
+    PREFILL,
+    ModelInfo,
+    Slice,
+    build_slices,
+    model_info,
+)
 
 
 @dataclasses.dataclass
@@ -31,9 +39,12 @@ class LoadedModel:
 
 def load(ckpt_dir: str, mesh: str, num_slices: int, dtype: str,
          engine_config: EngineConfig, source: str | None = None,
-         warmup: bool = False, load_started: float | None = None) -> LoadedModel:
+         warmup: bool = False, load_started: float | None = None,
+         prefill_slices: int = 0, prefill_mesh: str | None = None) -> LoadedModel:
     """Tokenizer (sentencepiece or HF, BOS/EOS from the config) and one engine per slice.
-    load_started: when loading began (time.monotonic(); e.g. before an --hf conversion)."""
+    load_started: when loading began (time.monotonic(); e.g. before an --hf conversion).
+    prefill_slices: that many slices (layout `prefill_mesh`, default `mesh`) prefill only,
+    the others decode only (serving/disagg.py)."""
     from meshserve.models.checkpoint import checkpoint_config
     from meshserve.models.tokenizer import find_tokenizer
 
@@ -44,10 +55,13 @@ def load(ckpt_dir: str, mesh: str, num_slices: int, dtype: str,
     tokenizer = find_tokenizer(ckpt_dir, cfg)
     info = model_info(ckpt_dir, dtype, source)
     slices = build_slices(ckpt_dir, mesh, num_slices, dtype, engine_config, tokenizer,
-                          start=False)
+                          start=False, prefill_slices=prefill_slices,
+                          prefill_layout=prefill_mesh)
     load_seconds = time.monotonic() - start
     logs.event("model_loaded", model=info.name, dtype=dtype, slices=len(slices),
-               layout=slices[0].layout, tokenizer=getattr(tokenizer, "path", None),
+               layout=slices[-1].layout, prefill_slices=prefill_slices,
+               prefill_layout=slices[0].layout if prefill_slices else None,
+               tokenizer=getattr(tokenizer, "path", None),
                max_model_len=slices[0].engine.max_model_len, seconds=round(load_seconds, 2))
     return LoadedModel(slices, tokenizer, info, warmup, load_seconds)
 
@@ -65,6 +79,8 @@ def warm_up(model: LoadedModel) -> tuple[float, int, int]:
                        built=programs, from_cache=cached)
 
         s.engine.warmup(progress=progress)
+        if s.role != BOTH:  # the KV handoff's programs, so no handoff waits for a compile
+            s.engine.warmup_handoff(export=s.role == PREFILL, imports=s.role == DECODE)
 
     if model.warmup:
         # Slices are independent device groups: their compiles run side by side.

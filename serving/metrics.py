@@ -16,13 +16,18 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from meshserve.serving.disagg import FAILURE_KINDS
 from meshserve.serving.routing import REASONS
-from meshserve.serving.slices import Slice
+from meshserve.serving.slices import BOTH, DECODE, PREFILL, Slice
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
     5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )
+# KV handoffs: bytes of one request's KV (up to 1 GiB), and seconds from its first token
+# to the decode slice holding it.
+_BYTES_BUCKETS = tuple(float(4 ** k) for k in range(5, 16))
+_TRANSFER_BUCKETS = (0.0005,) + _LATENCY_BUCKETS
 REJECT_REASONS = (
     "invalid", "overloaded", "unavailable", "unauthenticated", "draining", "no_tokenizer",
     "duplicate_id", "warming_up", "no_chat_template",
@@ -58,6 +63,12 @@ class _SliceCollector:
         hits = CounterMetricFamily("meshserve_prefix_cache_hits",
                                    "Prompt tokens found in the prefix cache (not computed).",
                                    labels=["slice"])
+        parked = GaugeMetricFamily("meshserve_parked_requests", "Prefilled requests holding "
+                                   "KV pages until their handoff.", labels=["slice"])
+        roles = {k: GaugeMetricFamily(f"meshserve_role_{k}_requests", f"Requests {k}, per "
+                                      "slice role (both, prefill, decode).", labels=["role"])
+                 for k in ("waiting", "running")}
+        per_role = {r: [0, 0] for r in {s.role for s in self._slices}}
         cached = GaugeMetricFamily("meshserve_prefix_cache_pages",
                                    "KV pages in the prefix cache (held or reclaimable).",
                                    labels=["slice"])
@@ -94,8 +105,14 @@ class _SliceCollector:
             queries.add_metric(label, st.prefix_cache_queries)
             hits.add_metric(label, st.prefix_cache_hits)
             cached.add_metric(label, st.cached_pages)
+            parked.add_metric(label, st.parked)
+            per_role[s.role][0] += st.waiting
+            per_role[s.role][1] += st.running
+        for role, (n_waiting, n_running) in per_role.items():
+            roles["waiting"].add_metric([role], n_waiting)
+            roles["running"].add_metric([role], n_running)
         yield from (running, waiting, usage, free, healthy, preempt, routed, late, queries, hits,
-                    cached, expert_tokens, hotspot, dropped)
+                    cached, parked, *roles.values(), expert_tokens, hotspot, dropped)
 
 
 class ServingMetrics:
@@ -145,6 +162,25 @@ class ServingMetrics:
         for s in slices:
             for counter in (self.matched, self.cached, self.stale, self.stale_tokens):
                 counter.labels(str(s.index))
+        self.role_queue_time = Histogram(
+            "meshserve_role_queue_seconds", "Engine arrival to first scheduled, per slice "
+            "role (both; prefill, decode: each side of a handoff).", ["role"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        for role in {s.role for s in slices}:
+            self.role_queue_time.labels(role)
+        self.kv_transfer_bytes = Histogram(
+            "meshserve_kv_transfer_bytes", "KV bytes moved per request from its prefill "
+            "slice to its decode slice.", buckets=_BYTES_BUCKETS, registry=r)
+        self.kv_transfer_seconds = Histogram(
+            "meshserve_kv_transfer_seconds", "First token out on the prefill slice to the "
+            "KV queued on a decode slice (export, copy, import).",
+            buckets=_TRANSFER_BUCKETS, registry=r)
+        self.kv_transfer_failures = Counter(
+            "meshserve_kv_transfer_failures", "KV handoffs that failed, by kind (export, "
+            "transfer, no_decode_slice, decode_overloaded, import).", ["kind"], registry=r)
+        if any(s.role == PREFILL for s in slices):
+            for kind in FAILURE_KINDS:
+                self.kv_transfer_failures.labels(kind)
         r.register(_SliceCollector(slices))
         self.startup = Gauge("meshserve_startup_seconds", "Process start to ready, by phase "
                              "(load, warmup, other, ready).", ["phase"], registry=r)
@@ -182,6 +218,18 @@ class ServingMetrics:
         if cached_tokens < matched_tokens:
             self.stale.labels(label).inc()
             self.stale_tokens.labels(label).inc(matched_tokens - cached_tokens)
+
+    def role_queue(self, role: str, seconds: float) -> None:
+        if role in (BOTH, PREFILL, DECODE):
+            self.role_queue_time.labels(role).observe(seconds)
+
+    def kv_transfer(self, nbytes: int, seconds: float) -> None:
+        self.kv_transfer_bytes.observe(nbytes)
+        self.kv_transfer_seconds.observe(seconds)
+        self._add("kv_transfer_ms", seconds * 1e3)
+
+    def transfer_failure(self, kind: str) -> None:
+        self.kv_transfer_failures.labels(kind).inc()
 
     def first_token(self, slice_index: int, seconds: float) -> None:
         self.ttft.labels(str(slice_index)).observe(seconds)

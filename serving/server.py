@@ -257,7 +257,7 @@ class MeshServeServer:
             await asyncio.sleep(0.05)
         left = list(inflight.values())
         for stream in left:
-            stream.slice.engine.abort(stream.prepared.request_id)
+            stream.abort()
         # Let the aborted streams send their final chunk before the ports close.
         deadline = loop.time() + 2.0
         while inflight and loop.time() < deadline:

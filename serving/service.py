@@ -54,13 +54,16 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         # Runs when the RPC ends however it ends, even if grpc never resumes this
         # generator after a cancellation.
         context.add_done_callback(lambda _ctx: generation.close())
-        prepared, slice_ = generation.prepared, generation.slice
+        prepared = generation.prepared
         try:
             async for chunk in generation.chunks():
                 if chunk.finished:
                     response = to_response(chunk, prepared)
                     response.timings.e2e_ms = (generation.finished_at - arrival) * 1e3
-                    response.slice = slice_.index
+                    response.slice = generation.slice.index
+                    if generation.prefill_slice is not None:
+                        response.prefill_slice = generation.prefill_slice.index
+                        generation.fill_timings(response.timings)
                     yield response
                     return
                 if chunk.token_ids or chunk.text:
@@ -68,7 +71,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
         except SliceFailedError as e:
             generation.fail(str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"slice {slice_.index} failed while generating: {e}")
+                                f"slice {generation.slice.index} failed while generating: {e}")
         finally:
             generation.close()
 

@@ -4,6 +4,10 @@
 own copy of the weights and its own engine with its own batch and KV pages. Requests
 go to a healthy slice chosen by load and, with the prefix cache, by the prompt prefix
 it already holds (serving/routing.py); a slice whose engine died is skipped.
+
+Prefill/decode disaggregation (`--prefill-slices P`): the first P slices (their own
+layout, `--prefill-mesh`) only prefill; the router sends new requests there and, once
+the first token is out, picks a decode slice for the KV (serving/disagg.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from meshserve.serving.routing import (
     skewed,
 )
 
+# Slice roles: both (prefill and decode, colocated), prefill only, decode only.
+BOTH, PREFILL, DECODE = "both", "prefill", "decode"
+
 
 class NoHealthySliceError(Exception):
     """Every slice's engine has stopped: the request cannot be served (UNAVAILABLE)."""
@@ -50,6 +57,7 @@ class Slice:
     inflight_requests: int = 0
     inflight_tokens: int = 0
     routed: int = 0
+    role: str = BOTH
 
     @property
     def healthy(self) -> bool:
@@ -89,38 +97,68 @@ def model_info(ckpt_dir: str, dtype: str, source: str | None = None) -> ModelInf
     )
 
 
-def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
-                 engine_config: EngineConfig, tokenizer, warmup: bool = False,
-                 start: bool = True) -> list[Slice]:
-    """Load the checkpoint once per slice, each into its own mesh, and start the engines.
-
-    warmup compiles every program before the engine thread starts (it must not run
-    beside the step loop), so that no request waits for a compilation later. With
-    start=False the engines are neither warmed up nor started: the caller does both.
-    """
-    import jax.numpy as jnp
+def _meshes(layout_text: str, num_slices: int, prefill_slices: int,
+            prefill_layout_text: str | None) -> list[tuple[object, str, str]]:
+    """(mesh, layout, role) per slice: prefill slices first, on the first devices."""
+    import jax
 
     from meshserve.meshes import parse_layout, split_slices
-    from meshserve.models.checkpoint import checkpoint_config
-    from meshserve.models.loading import load_checkpoint, memory_plan
 
     layout = parse_layout(layout_text)
     if layout.slices != 1 and layout.slices != num_slices:
         raise ValueError(
             f"--mesh says slices={layout.slices} but --slices is {num_slices}; give one"
         )
-    layout = dataclasses.replace(layout, slices=max(num_slices, layout.slices))
-    meshes = split_slices(layout)
+    num_slices = max(num_slices, layout.slices)
+    if not prefill_slices:
+        if prefill_layout_text:
+            raise ValueError("--prefill-mesh needs --prefill-slices")
+        layout = dataclasses.replace(layout, slices=num_slices)
+        return [(m, layout.to_string(), BOTH) for m in split_slices(layout)]
+    if not 0 < prefill_slices < num_slices:
+        raise ValueError(f"--prefill-slices must be in [1, --slices - 1 = {num_slices - 1}] "
+                         f"(the other slices decode), got {prefill_slices}")
+    pre = parse_layout(prefill_layout_text) if prefill_layout_text else layout
+    pre = dataclasses.replace(pre, slices=prefill_slices)
+    dec = dataclasses.replace(layout, slices=num_slices - prefill_slices)
+    devices = jax.devices()
+    if pre.num_devices + dec.num_devices > len(devices):
+        raise ValueError(f"{prefill_slices} prefill slices of {pre.to_string()} and "
+                         f"{dec.slices} decode slices of {dec.to_string()} need "
+                         f"{pre.num_devices + dec.num_devices} devices, {len(devices)} exist")
+    return ([(m, pre.to_string(), PREFILL) for m in split_slices(pre, devices)]
+            + [(m, dec.to_string(), DECODE)
+               for m in split_slices(dec, devices[pre.num_devices:])])
+
+
+def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
+                 engine_config: EngineConfig, tokenizer, warmup: bool = False,
+                 start: bool = True, prefill_slices: int = 0,
+                 prefill_layout: str | None = None) -> list[Slice]:
+    """Load the checkpoint once per slice, each into its own mesh, and start the engines.
+
+    warmup compiles every program before the engine thread starts (it must not run
+    beside the step loop), so that no request waits for a compilation later. With
+    start=False the engines are neither warmed up nor started: the caller does both.
+    prefill_slices: that many slices (of `prefill_layout`, default the same) prefill only.
+    """
+    import jax.numpy as jnp
+
+    from meshserve.models.checkpoint import checkpoint_config
+    from meshserve.models.loading import load_checkpoint, memory_plan
+
+    meshes = _meshes(layout_text, num_slices, prefill_slices, prefill_layout)
     # Refuse a layout that cannot hold the weights plus one full-length sequence before
     # anything is loaded.
     cfg = checkpoint_config(ckpt_dir)
     max_len = engine_config.max_model_len or cfg.max_position_embeddings
-    memory_plan(cfg, meshes[0], jnp.dtype(dtype), max_len,
-                max_step_tokens=engine_config.max_step_tokens,
-                capacity_bytes=engine_config.device_memory_bytes).check()
+    for mesh in {layout: mesh for mesh, layout, _ in meshes}.values():
+        memory_plan(cfg, mesh, jnp.dtype(dtype), max_len,
+                    max_step_tokens=engine_config.max_step_tokens,
+                    capacity_bytes=engine_config.device_memory_bytes).check()
     slices: list[Slice] = []
     try:
-        for index, mesh in enumerate(meshes):
+        for index, (mesh, layout, role) in enumerate(meshes):
             model = load_checkpoint(ckpt_dir, mesh, jnp.dtype(dtype))
             engine = Engine(model, engine_config, tokenizer)
             if index == 0:  # what is allocated per device, KV pool as sized
@@ -135,7 +173,7 @@ def build_slices(ckpt_dir: str, layout_text: str, num_slices: int, dtype: str,
             if start:
                 engine.start()
             devices = tuple(str(d) for d in mesh.devices.flat)
-            slices.append(Slice(index, engine, layout.to_string(), devices))
+            slices.append(Slice(index, engine, layout, devices, role=role))
     except BaseException:
         for s in slices:
             s.engine.shutdown(timeout=5.0)
@@ -164,24 +202,57 @@ class Router:
     on): while loads are balanced the slice with the best `matched - load_weight * load`
     score wins. A slice out of rotation (its engine stopped) or restarted (a new engine)
     starts with an empty index.
+
+    With prefill and decode slices, new requests go to the prefill slices only (the same
+    policy among them), prefill-only; `decode_order` ranks the decode slices for a KV
+    handoff.
     """
 
     def __init__(self, slices: Sequence[Slice], config: RoutingConfig | None = None):
         if not slices:
             raise ValueError("the router needs at least one slice")
         self.slices = list(slices)
+        self.entry = [s for s in self.slices if s.role != DECODE]  # where requests start
+        self.decoders = [s for s in self.slices if s.role == DECODE]
+        self.disaggregated = bool(self.decoders)
+        if not self.entry or (self.disaggregated and any(s.role == BOTH for s in slices)):
+            raise ValueError("slices must all be colocated, or prefill and decode ones")
         self.config = config or RoutingConfig()
         self._lock = threading.Lock()
         self._indexes: dict[int, PrefixIndex] = {}
         self.page_size = self.slices[0].engine.config.page_size
-        self.cache_aware = (self.config.cache_aware and len(self.slices) > 1
-                            and all(s.engine.config.prefix_caching for s in self.slices))
+        self.cache_aware = (self.config.cache_aware and len(self.entry) > 1
+                            and all(s.engine.config.prefix_caching for s in self.entry))
         with self._lock:
-            for s in self.slices:  # read what the engines cached before this router
+            for s in self.entry:  # read what the engines cached before this router
                 self._index(s)
 
     def healthy(self) -> list[Slice]:
         return [s for s in self.slices if s.healthy]
+
+    def serving(self) -> bool:
+        """A request can be served: a healthy slice to start on (and one to decode on)."""
+        return (any(s.healthy for s in self.entry)
+                and (not self.disaggregated or any(s.healthy for s in self.decoders)))
+
+    def decode_order(self, pages: int) -> list[Slice]:
+        """Healthy decode slices best first for a request needing `pages` KV pages: those
+        with that many free first, then the fewest running + queued + handed-off tokens,
+        then the most free pages."""
+        def key(s: Slice) -> tuple[bool, int, int]:
+            st = s.stats()
+            return (st.free_pages < pages, st.running_tokens + st.waiting_tokens
+                    + s.inflight_tokens, -st.free_pages)
+
+        with self._lock:
+            return sorted((s for s in self.decoders if s.healthy), key=key)
+
+    def assign(self, s: Slice, cost_tokens: int) -> None:
+        """Count a request handed off to `s` (undo with `release`)."""
+        with self._lock:
+            s.inflight_requests += 1
+            s.inflight_tokens += cost_tokens
+            s.routed += 1
 
     def _index(self, s: Slice) -> PrefixIndex | None:
         """The slice's prefix index, brought up to date; None (and forgotten) while the
@@ -237,8 +308,8 @@ class Router:
         digests = (request_digests(prompt_ids, params, cache_salt, self.page_size)
                    if self.cache_aware else [])
         with self._lock:
-            healthy = self.healthy()
-            for s in self.slices:
+            healthy = [s for s in self.entry if s.healthy]
+            for s in self.entry:
                 if s not in healthy:
                     self._index(s)  # out of rotation: forget its index
             if not healthy:
@@ -248,7 +319,8 @@ class Router:
             for s in order:
                 try:
                     handle = s.engine.add_request(prompt_ids, params, request_id=request_id,
-                                                  priority=priority, cache_salt=cache_salt)
+                                                  priority=priority, cache_salt=cache_salt,
+                                                  prefill_only=self.disaggregated)
                 except EngineOverloadedError as e:
                     overloaded = e
                     continue

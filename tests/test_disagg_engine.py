@@ -103,8 +103,14 @@ def test_prefill_here_decode_there_equals_colocated(ckpt, colocated, layouts):
 
 def test_handoff_metadata_round_trip_expiry_and_refusals(ckpt, colocated):
     pairs, expected = colocated
-    prefill = engine_on(ckpt, "", 4, park_timeout_s=0.5).start()
-    decode = engine_on(ckpt, "", 5, num_pages=8).start()  # room for one request at a time
+    prefill = engine_on(ckpt, "", 4, park_timeout_s=0.5)
+    decode = engine_on(ckpt, "", 5, num_pages=8)  # room for one request at a time
+    prefill.warmup_handoff(export=True, imports=False)
+    decode.warmup_handoff()
+    programs = [e._handoff._scatter._cache_size() + e._handoff._gather._cache_size()
+                for e in (prefill, decode)]
+    prefill.start()
+    decode.start()
     try:
         prompt, params = pairs[4]  # 64 tokens: 5 pages with the next token
         list(prefill.add_request(prompt, params, request_id="a", prefill_only=True))
@@ -141,6 +147,9 @@ def test_handoff_metadata_round_trip_expiry_and_refusals(ckpt, colocated):
         assert prefill.abort("c")
         wait_free(prefill)
         wait_free(decode)
+        # The warm-up compiled every handoff program the traffic needed.
+        assert programs == [e._handoff._scatter._cache_size() + e._handoff._gather._cache_size()
+                            for e in (prefill, decode)]
     finally:
         prefill.shutdown()
         decode.shutdown()

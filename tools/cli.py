@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "serve": ("serve", "serve a model over gRPC (streaming generation, health, metrics)"),
     "bench-serving": ("bench_serving", "load-test a running server (vLLM bench serve style)"),
     "bench-mesh": ("bench_mesh", "measure every layout that fits, pick the best for an SLO"),
+    "bench-disagg": ("bench_disagg", "colocated vs prefill/decode slices, same devices"),
 }
 
 # Errors that mean "your input is wrong": print the message, no traceback, exit 2.

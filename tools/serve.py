@@ -23,6 +23,11 @@ def define_flags() -> None:
     d.DEFINE_integer("port", 50051, "gRPC port (0 picks a free one).", lower_bound=0)
     d.DEFINE_integer("slices", 1, "Independent replicas: the devices are split into this many "
                      "equal groups, each with its own --mesh, engine and batch.", lower_bound=1)
+    d.DEFINE_integer("prefill_slices", 0, "Prefill/decode disaggregation: this many of the "
+                     "--slices only prefill (first token streamed at once), the others only "
+                     "decode; each request's KV pages move between them.", lower_bound=0)
+    d.DEFINE_string("prefill_mesh", None, "Layout of each prefill slice (default: --mesh), "
+                    "e.g. tensor=4 beside a decode --mesh data=2,tensor=2.")
     d.DEFINE_string("layout_from", None, "results.json of `meshserve bench-mesh`: serve its "
                     "best layout (sets --slices and --mesh).")
     # Engine (per slice; limits are per data shard).
@@ -187,10 +192,14 @@ def main(argv: list[str]) -> int:
     )
     dtype = f.dtype or default_compute_dtype()
     if serve_multihost.active():
+        if f.prefill_slices:
+            raise ValueError("--prefill-slices splits the devices of one process; it does "
+                             "not combine with a multi-process group (--coordinator)")
         return serve_multihost.main(options, engine_config, dtype)
     load_started = time.monotonic()
     with checkpoint_dir() as ckpt:
         model = launch.load(ckpt, f.mesh, f.slices, dtype, engine_config,
                             source=f.hf or f.gguf or f.checkpoint, warmup=f.warmup,
-                            load_started=load_started)
+                            load_started=load_started, prefill_slices=f.prefill_slices,
+                            prefill_mesh=f.prefill_mesh)
     return launch.serve(model, options, process_start=PROCESS_START)
