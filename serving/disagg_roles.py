@@ -53,7 +53,7 @@ class Role:
     the transfer server and the metrics."""
 
     def __init__(self, options: DisaggOptions, slices: Sequence[Slice],
-                 routing: RoutingConfig, registry):
+                 routing: RoutingConfig, metrics):
         options.check()
         self.options = options
         self.name = options.role
@@ -66,7 +66,7 @@ class Role:
         from meshserve.engine.kv_transfer import KVTransport
 
         o = options
-        self.metrics = DisaggMetrics(registry, self.name)
+        self.metrics = DisaggMetrics(metrics, self.name)
         timeout = o.decode.transfer_timeout_s if o.decode else o.prefill.export_timeout_s
         self.transport = KVTransport(o.kv_transfer_address, allow_remote=o.kv_transfer_insecure,
                                      ttl_s=o.prefill.offer_ttl_s, pull_timeout_s=timeout,

@@ -38,6 +38,7 @@ from meshserve.engine.kv_transfer import (
 from meshserve.engine.outputs import StreamChunk
 from meshserve.engine.sampling_params import SamplingParams
 from meshserve.serving import logs
+from meshserve.serving.disagg import HandoffRecord
 from meshserve.serving.disagg_metrics import DisaggMetrics
 from meshserve.serving.kv_wire import (
     WireError,
@@ -194,8 +195,10 @@ class RemoteStream:
         self.first_at: float | None = None
         self.streamed_ids: list[int] = []
         self.streamed_text = False
-        self.timings: dict[str, float] = {}
         self.attempts: list[str] = []
+        # The final response's per-stage timings (Generation.fill_timings); the prefill
+        # slice is the peer's, not one of ours (-1).
+        self.handoff = HandoffRecord(-1, None, None, None)
 
     @property
     def streamed(self) -> bool:
@@ -236,8 +239,10 @@ class RemoteStream:
         if chunk.finished and chunk.finish_reason != "abort":
             # The client's TTFT is from our arrival, not the decode engine's.
             ttft = None if self.first_at is None else (self.first_at - self.created) * 1e3
-            chunk = dataclasses.replace(chunk, ttft_ms=ttft,
-                                        queue_ms=self.timings.get("queue_ms", chunk.queue_ms))
+            self.handoff.ttft_ms = ttft
+            if self.handoff.decode_started is None:  # done by its first token
+                self.handoff.prefill_queue_ms = chunk.queue_ms
+                chunk = dataclasses.replace(chunk, ttft_ms=ttft)
         return chunk
 
     async def _read(self, call, timeout: float, kind: str, what: str):
@@ -291,7 +296,7 @@ class RemoteStream:
             m.leave(stage, time.perf_counter() - began)
             stage = "transfer"
             m.enter(stage)
-            began = time.perf_counter()
+            began = self.handoff.started = time.perf_counter()
             msg = await self._read(call, o.transfer_timeout_s, "transfer_timeout", "KV offer")
             if msg.WhichOneof("kind") != "offer":
                 raise PeerFailed("bad_offer", "expected the KV offer")
@@ -322,19 +327,20 @@ class RemoteStream:
             except TransferError as e:
                 raise PeerFailed("transfer_error", str(e)) from None
             now = time.perf_counter()
-            m.transfer(offer.nbytes, now - pull_began)
+            m.transfer(offer.nbytes, now - began)
+            m.timed("pull", now - pull_began)
             m.leave(stage, now - began)
             stage = None
-            self.timings.update(transfer_ms=(now - began) * 1e3, pull_ms=(now - pull_began) * 1e3,
-                                kv_bytes=float(offer.nbytes))
-            if handoff.queue_ms is not None:
-                self.timings["queue_ms"] = handoff.queue_ms
+            rec = self.handoff
+            rec.transfer_s, rec.copy_s, rec.nbytes = now - began, now - pull_began, offer.nbytes
+            rec.prefill_queue_ms, rec.prefill_ms = handoff.queue_ms, handoff.prefill_ms
             try:  # the pages are ours now: the peer may free its copy
                 await asyncio.wait_for(call.write(ipb.PrefillClientMessage(
                     pulled=ipb.Pulled(uuid=offer.uuid, ok=True))), o.transfer_timeout_s)
                 await call.done_writing()
             except (TimeoutError, grpc.aio.AioRpcError):
                 pass  # the peer reclaims on its TTL or when the call ends
+            rec.decode_started = time.perf_counter()
             try:
                 handle = await asyncio.to_thread(engine.add_prefilled, handoff.with_kv(kv[0]))
             except (HandoffError, EngineOverloadedError) as e:

@@ -95,7 +95,7 @@ class MeshServeServer:
         self.options = options
         self.slices = slices
         self.metrics = ServingMetrics(slices)
-        self.role = Role(options.disagg, slices, options.routing, self.metrics.registry)
+        self.role = Role(options.disagg, slices, options.routing, self.metrics)
         self.router = self.role.router or Router(slices, options.routing)
         engine = slices[0].engine
         limits = ModelLimits(

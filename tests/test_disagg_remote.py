@@ -116,13 +116,21 @@ def test_remote_prefill_outputs_equal_colocated(demo_model, prefill_peer):  # no
             assert text == wtext
             assert final.finish_reason == wfinal.finish_reason == "length"
             assert final.usage.completion_tokens == n
+            t = final.timings  # per stage, the prefill side's and ours
+            assert t.ttft_ms > 0 and t.e2e_ms >= t.ttft_ms
+            if n > 1:
+                assert t.prefill_ms > 0 and t.transfer_ms > 0 and t.decode_ms > 0
+                assert t.kv_transfer_bytes > 0
         # Every request but the one done by its first token moved its KV here.
         moved = sum(1 for _, n in CASES if n > 1)
-        assert _sample(decode, "meshserve_kv_transfer_bytes_count", path="remote") == moved
-        nbytes = _sample(decode, "meshserve_kv_transfer_bytes_sum", path="remote")
-        seconds = _sample(decode, "meshserve_kv_transfer_seconds_sum", path="remote")
-        print(f"\nKV moved: {moved} requests, {nbytes / moved / 1024:.1f} KiB and "
-              f"{seconds / moved * 1e3:.2f} ms per request (pull, loopback)")
+        assert _sample(decode, "meshserve_kv_transfer_bytes_count") == moved
+        nbytes = _sample(decode, "meshserve_kv_transfer_bytes_sum")
+        seconds = _sample(decode, "meshserve_kv_transfer_seconds_sum")
+        pull = _sample(decode, "meshserve_disagg_stage_seconds_sum", role="decode",
+                       stage="pull")
+        print(f"\nKV moved: {moved} requests, {nbytes / moved / 1024:.1f} KiB, "
+              f"{seconds / moved * 1e3:.2f} ms first token -> KV here, of which the pull "
+              f"{pull / moved * 1e3:.2f} ms, per request (loopback)")
         assert nbytes > 0 and _sample(decode, "meshserve_prefill_retries_total") == 0
         wait_idle(demo_model.slices[0].engine)
         _peer_idle(prefill_peer.target)
