@@ -283,6 +283,10 @@ class KVTransport:
         self._server.await_pull(uid, list(arrays))
         return offer
 
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._offers)
+
     def pending(self, uid: int) -> bool:
         with self._lock:
             return uid in self._offers

@@ -71,7 +71,9 @@ class PrefillServicer(ipb_grpc.PrefillServicer):
                         running=sum(s.running for s in stats),
                         free_pages=sum(s.free_pages for s in stats),
                         total_pages=sum(s.total_pages for s in stats),
-                        pending_offers=self.offers)
+                        pending_offers=self.transport.pending_count(),
+                        offers_reclaimed=self.transport.stats.reclaimed,
+                        abandoned_pulls=self.transport.stats.abandoned_pulls)
 
     async def Prefill(self, request_iterator, context) -> AsyncIterator[ipb.PrefillServerMessage]:
         it = request_iterator.__aiter__()

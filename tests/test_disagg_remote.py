@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -160,6 +161,34 @@ def test_internal_api_needs_the_token(demo_model, prefill_peer):  # noqa: F811
         assert _sample(decode, "meshserve_prefill_retries_total") == 0
     finally:
         decode.stop()
+
+
+def test_offer_left_unpulled_is_reclaimed(prefill_peer):
+    """A decode server that goes away after the offer (here: a raw client that cancels)
+    leaves no pages held on the prefill server."""
+    with grpc.insecure_channel(prefill_peer.target) as channel:
+        stub = ipb_grpc.PrefillStub(channel)
+        start = ipb.PrefillClientMessage(start=ipb.PrefillStart(request=request(
+            token_ids=list(range(5, 45)), max_tokens=6, ignore_eos=True,
+            request_id="walks-away")))
+        gate = threading.Event()
+
+        def messages():
+            yield start
+            gate.wait(30)  # keep the call open until the offer is in
+
+        call = stub.Prefill(messages(), metadata=AUTH, timeout=60)
+        first = next(call)
+        assert first.chunk.finish_reason == "prefilled" and len(first.chunk.token_ids) == 1
+        offer = next(call).offer
+        assert offer.uuid and offer.nbytes > 0 and offer.handoff.request_id == "walks-away"
+        (layout,) = offer.layouts
+        assert layout.shape[1] == offer.handoff.layout.rows and layout.dtype == "float32"
+        before = stub.GetLoad(ipb.LoadRequest(), timeout=5, metadata=AUTH).offers_reclaimed
+        call.cancel()
+        gate.set()
+        load = _peer_idle(prefill_peer.target)
+        assert load.offers_reclaimed == before + 1 and load.abandoned_pulls == 0
 
 
 def test_prefill_peer_killed_after_first_token_then_retried(demo_ckpt, demo_model,  # noqa: F811

@@ -130,15 +130,19 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("waiting", "running", "free_pages", "total_pages", "pending_offers")
+    __slots__ = ("waiting", "running", "free_pages", "total_pages", "pending_offers", "offers_reclaimed", "abandoned_pulls")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     PENDING_OFFERS_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_PULLS_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     free_pages: int
     total_pages: int
     pending_offers: int
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., pending_offers: _Optional[int] = ...) -> None: ...
+    offers_reclaimed: int
+    abandoned_pulls: int
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., pending_offers: _Optional[int] = ..., offers_reclaimed: _Optional[int] = ..., abandoned_pulls: _Optional[int] = ...) -> None: ...
