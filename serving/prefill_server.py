@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+import jax
+import numpy as np
 
 from meshserve.engine.engine import EngineDeadError, EngineOverloadedError
 from meshserve.engine.handoff import PREFILLED
-from meshserve.engine.kv_transfer import KVTransport, TransferError
+from meshserve.engine.kv_transfer import KVTransport, TransferError, array_layout
 from meshserve.engine.sampling_params import InvalidRequestError
 from meshserve.serving import logs
 from meshserve.serving.kv_wire import chunk_to_pb, handoff_to_pb, layout_to_pb
@@ -31,6 +34,12 @@ from meshserve.serving.requests import ModelLimits, prepare
 from meshserve.serving.slices import Slice
 
 INTERNAL_SERVICE = ipb.DESCRIPTOR.services_by_name["Prefill"].full_name
+KV_CHUNK_BYTES = 1 << 20  # KV sent on the call (KV_PATH_GRPC) goes in pieces this big
+
+
+def _host_bytes(kv) -> bytes:
+    """The array's bytes in C order, gathered from its shards."""
+    return np.ascontiguousarray(jax.device_get(kv)).tobytes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +115,8 @@ class PrefillServicer(ipb_grpc.PrefillServicer):
         m.enter(stage)
         began = time.perf_counter()
         offer = None
+        by_grpc = first.start.kv_path == ipb.KV_PATH_GRPC
+        offered = False
         finished = False
         how = "cancelled"
         try:
@@ -132,42 +143,61 @@ class PrefillServicer(ipb_grpc.PrefillServicer):
             began = time.perf_counter()
             handoff = await asyncio.to_thread(s.engine.export_kv, rid,
                                               self.options.export_timeout_s)
-            try:
-                offer = self.transport.offer([handoff.kv])
-            except TransferError as e:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            if by_grpc:
+                uid, layouts = secrets.randbits(63) | 1, (array_layout(handoff.kv),)
+            else:
+                try:
+                    offer = self.transport.offer([handoff.kv])
+                except TransferError as e:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                uid, layouts = offer.uuid, offer.layouts
+            offered = True
             self.offers += 1
             m.timed("export", time.perf_counter() - began)
             stage = "offered"
             m.enter(stage)
             began = time.perf_counter()
             yield ipb.PrefillServerMessage(offer=ipb.KVOffer(
-                transfer_address=self.transport.address, uuid=offer.uuid,
-                layouts=[layout_to_pb(x) for x in offer.layouts],
-                ttl_s=self.options.offer_ttl_s, nbytes=offer.nbytes,
-                handoff=handoff_to_pb(handoff)))
+                transfer_address="" if by_grpc else self.transport.address, uuid=uid,
+                layouts=[layout_to_pb(x) for x in layouts], ttl_s=self.options.offer_ttl_s,
+                nbytes=sum(x.nbytes for x in layouts), handoff=handoff_to_pb(handoff)))
             how = "expired"
-            try:
-                ack = await asyncio.wait_for(it.__anext__(), self.options.offer_ttl_s)
-            except TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no Pulled within the offer's {self.options.offer_ttl_s} s")
-            except StopAsyncIteration:
-                ack = None
+            deadline = time.monotonic() + self.options.offer_ttl_s
+            ack, fetched = None, False
+            while True:
+                try:
+                    ack = await asyncio.wait_for(it.__anext__(),
+                                                 max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Pulled within "
+                                        f"the offer's {self.options.offer_ttl_s} s")
+                except StopAsyncIteration:
+                    ack = None
+                if (ack is None or ack.WhichOneof("kind") != "fetch" or not by_grpc
+                        or fetched or ack.fetch.uuid != uid):
+                    break
+                fetched = True  # the KV on this call, under its TLS, in bounded chunks
+                data = await asyncio.to_thread(_host_bytes, handoff.kv)
+                for at in range(0, len(data), KV_CHUNK_BYTES):
+                    yield ipb.PrefillServerMessage(kv_chunk=ipb.KVChunk(
+                        uuid=uid, offset=at, data=data[at:at + KV_CHUNK_BYTES]))
+                del data
             if ack is not None and ack.WhichOneof("kind") == "pulled" \
-                    and ack.pulled.uuid == offer.uuid and ack.pulled.ok:
-                self.transport.consumed(offer.uuid)
+                    and ack.pulled.uuid == uid and ack.pulled.ok:
+                if offer is not None:
+                    self.transport.consumed(offer.uuid)
                 how = "pulled"
             else:
                 how = "abandoned"
         finally:
             if stage is not None:
                 m.leave(stage, time.perf_counter() - began if stage == "offered" else None)
-            if how in ("expired", "abandoned", "cancelled") and offer is not None:
+            if how in ("expired", "abandoned", "cancelled") and offered:
                 m.failure("reclaimed")
             self.inflight[s.index] -= 1
-            if offer is not None:
+            if offered:
                 self.offers -= 1
+            if offer is not None:
                 if self.transport.pending(offer.uuid):
                     # Reclaiming pulls from ourselves: bounded, but off the event loop.
                     await asyncio.shield(asyncio.to_thread(self.transport.withdraw, offer.uuid,
@@ -178,4 +208,5 @@ class PrefillServicer(ipb_grpc.PrefillServicer):
                 s.engine.release_parked(rid)
             logs.event("prefill_handoff", logging.INFO if how in ("pulled", "stop", "length")
                        else logging.WARNING, request_id=rid, slice=s.index, outcome=how,
+                       kv_path="grpc" if by_grpc else "jax_transfer",
                        kv_bytes=offer.nbytes if offer is not None else 0, peer=context.peer())

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meshserve.engine.engine import EngineOverloadedError
 from meshserve.engine.handoff import HANDOFF_AXES, PREFILLED, HandoffError
@@ -70,6 +71,9 @@ class DecodeOptions:
     peer_tls_ca: bytes | None = None
     peer_tls_cert: bytes | None = None  # mTLS: this server's client certificate
     peer_tls_key: bytes | None = None
+    # "jax": jax.experimental.transfer (fast, unencrypted); "grpc": on the internal call,
+    # so under its TLS (the KV goes through host memory and protobuf: slower).
+    kv_transport: str = "jax"
 
     def check(self) -> None:
         if not self.prefill_peers:
@@ -80,6 +84,8 @@ class DecodeOptions:
                 raise ValueError(f"--prefill-peers: {peer!r} is not HOST:PORT")
         if (self.peer_tls_cert is None) != (self.peer_tls_key is None):
             raise ValueError("the peer TLS certificate and key go together")
+        if self.kv_transport not in ("jax", "grpc"):
+            raise ValueError(f"--kv-transport must be jax or grpc, got {self.kv_transport!r}")
         if min(self.prefill_timeout_s, self.transfer_timeout_s) <= 0:
             raise ValueError("--prefill-timeout and --kv-transfer-timeout must be > 0")
 
@@ -191,6 +197,8 @@ class RemoteStream:
         self.params = params
         self.request = params_to_request(request_id, self.prompt_ids, params, priority,
                                          cache_salt)
+        self.kv_path = (ipb.KV_PATH_GRPC if router.options.kv_transport == "grpc"
+                        else ipb.KV_PATH_JAX_TRANSFER)
         self.created = time.perf_counter()
         self.first_at: float | None = None
         self.streamed_ids: list[int] = []
@@ -256,6 +264,34 @@ class RemoteStream:
             raise PeerFailed("prefill_error", f"the peer ended the call before the {what}")
         return m
 
+    async def _fetch(self, call, offer: ipb.KVOffer, layouts, dest: jax.ShapeDtypeStruct):
+        """The offered array sent on the call itself (KV_PATH_GRPC), reassembled from its
+        chunks (contiguous, never past the offered size) and placed on `dest`."""
+        timeout = self.router.options.transfer_timeout_s
+        (lay,) = layouts if len(layouts) == 1 else (None,)
+        if lay is None or lay.shape != tuple(dest.shape) or lay.dtype != jnp.dtype(
+                dest.dtype).name:
+            raise LayoutMismatchError(f"offered {[x.describe() for x in layouts]}, the "
+                                      f"destination is {dest.dtype}{list(dest.shape)}")
+        deadline = time.monotonic() + timeout
+        await asyncio.wait_for(call.write(ipb.PrefillClientMessage(
+            fetch=ipb.Fetch(uuid=offer.uuid))), timeout)
+        buf, got = bytearray(lay.nbytes), 0
+        while got < len(buf):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferTimeoutError(f"the KV did not arrive in {timeout} s")
+            msg = await self._read(call, left, "transfer_timeout", "KV chunk")
+            piece = msg.kv_chunk if msg.WhichOneof("kind") == "kv_chunk" else None
+            if (piece is None or piece.uuid != offer.uuid or piece.offset != got
+                    or got + len(piece.data) > len(buf) or not piece.data):
+                raise TransferError("the KV chunks do not add up to the offered array")
+            buf[got:got + len(piece.data)] = piece.data
+            got += len(piece.data)
+        host = np.frombuffer(buf, dtype=jnp.dtype(lay.dtype)).reshape(lay.shape)
+        return await asyncio.to_thread(
+            lambda: jax.block_until_ready(jax.device_put(host, dest.sharding)))
+
     async def _attempt(self, peer: PrefillPeer) -> AsyncIterator[StreamChunk]:
         r, o, m = self.router, self.router.options, self.router.dmetrics
         rid = self.request_id
@@ -267,7 +303,8 @@ class RemoteStream:
         try:
             try:
                 await asyncio.wait_for(call.write(ipb.PrefillClientMessage(
-                    start=ipb.PrefillStart(request=self.request))), o.prefill_timeout_s)
+                    start=ipb.PrefillStart(request=self.request, kv_path=self.kv_path))),
+                    o.prefill_timeout_s)
             except TimeoutError:
                 raise PeerFailed("prefill_unavailable", "could not send the request in "
                                  f"{o.prefill_timeout_s} s") from None
@@ -318,8 +355,12 @@ class RemoteStream:
                                                                               lay.shape))]
             pull_began = time.perf_counter()
             try:
-                kv = await asyncio.to_thread(r.transport.pull, offer.transfer_address,
-                                             offer.uuid, layouts, dest, o.transfer_timeout_s)
+                if self.kv_path == ipb.KV_PATH_GRPC:
+                    kv = [await self._fetch(call, offer, layouts, dest[0])]
+                else:
+                    kv = await asyncio.to_thread(r.transport.pull, offer.transfer_address,
+                                                 offer.uuid, layouts, dest,
+                                                 o.transfer_timeout_s)
             except LayoutMismatchError as e:
                 raise PeerFailed("layout", str(e)) from None
             except TransferTimeoutError as e:

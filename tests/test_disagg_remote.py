@@ -70,7 +70,8 @@ def _decode(model, *peers: str, **kw) -> ServerThread:
     options = DecodeOptions(prefill_peers=peers, prefill_timeout_s=kw.pop("prefill_timeout", 20.0),
                             transfer_timeout_s=kw.pop("transfer_timeout", 30.0),
                             failure_backoff_s=kw.pop("backoff", 0.0),
-                            peer_auth_token=kw.pop("token", TOKEN))
+                            peer_auth_token=kw.pop("token", TOKEN),
+                            kv_transport=kw.pop("kv_transport", "jax"))
     return ServerThread(model, disagg=DisaggOptions(role="decode", decode=options))
 
 
@@ -133,6 +134,17 @@ def test_remote_prefill_outputs_equal_colocated(demo_model, prefill_peer):  # no
               f"{seconds / moved * 1e3:.2f} ms first token -> KV here, of which the pull "
               f"{pull / moved * 1e3:.2f} ms, per request (loopback)")
         assert nbytes > 0 and _sample(decode, "meshserve_prefill_retries_total") == 0
+        wait_idle(demo_model.slices[0].engine)
+        _peer_idle(prefill_peer.target)
+    finally:
+        decode.stop()
+    # The KV on the internal call itself (under its TLS when it has one): same outputs.
+    decode = _decode(demo_model, prefill_peer.target, kv_transport="grpc")
+    try:
+        got = _run(decode.target, CASES[:4])
+        assert [g[0] for g in got] == [w[0] for w in want[:4]]
+        assert [g[1] for g in got] == [w[1] for w in want[:4]]
+        assert _sample(decode, "meshserve_kv_transfer_bytes_count") == 4
         wait_idle(demo_model.slices[0].engine)
         _peer_idle(prefill_peer.target)
     finally:

@@ -115,6 +115,9 @@ def define_flags() -> None:
     d.DEFINE_float("prefill_timeout", 30.0, "--role decode: seconds from sending a request "
                    "to a prefill peer to its first token (then the next peer is tried).",
                    lower_bound=0.1)
+    d.DEFINE_enum("kv_transport", "jax", ["jax", "grpc"], "--role decode: how KV pages "
+                  "come from the prefill peers: jax (jax.experimental.transfer; fast, not "
+                  "encrypted) or grpc (chunks on the internal call, under its TLS).")
     d.DEFINE_bool("peer_tls", False, "--role decode: TLS to the prefill peers (system roots "
                   "unless --peer-tls-ca).")
     d.DEFINE_string("peer_tls_ca", None, "CA (PEM) the prefill peers' certificates chain to "
@@ -158,7 +161,8 @@ def main(argv: list[str]) -> int:
             prefill_peers=tuple(f.prefill_peers), prefill_timeout_s=f.prefill_timeout,
             transfer_timeout_s=f.kv_transfer_timeout, peer_auth_token=token,
             peer_tls=f.peer_tls or f.peer_tls_ca is not None, peer_tls_ca=_read(f.peer_tls_ca),
-            peer_tls_cert=_read(f.peer_tls_cert), peer_tls_key=_read(f.peer_tls_key))
+            peer_tls_cert=_read(f.peer_tls_cert), peer_tls_key=_read(f.peer_tls_key),
+            kv_transport=f.kv_transport)
     disagg = DisaggOptions(
         role=f.role, kv_transfer_address=f.kv_transfer_address,
         kv_transfer_insecure=f.kv_transfer_insecure,

@@ -25,35 +25,41 @@ _sym_db = _symbol_database.Default()
 from meshserve.serving.proto import meshserve_pb2 as meshserve_dot_serving_dot_proto_dot_meshserve__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/serving/proto/internal.proto\x12\x15meshserve.internal.v1\x1a\'meshserve/serving/proto/meshserve.proto\"\x85\x01\n\x14PrefillClientMessage\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.meshserve.internal.v1.PrefillStartH\x00\x12/\n\x06pulled\x18\x02 \x01(\x0b\x32\x1d.meshserve.internal.v1.PulledH\x00\x42\x06\n\x04kind\">\n\x0cPrefillStart\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.meshserve.v1.GenerateRequest\"1\n\x06Pulled\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x80\x01\n\x14PrefillServerMessage\x12/\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1e.meshserve.v1.GenerateResponseH\x00\x12/\n\x05offer\x18\x02 \x01(\x0b\x32\x1e.meshserve.internal.v1.KVOfferH\x00\x42\x06\n\x04kind\"\x1c\n\x0cPartitionDim\x12\x0c\n\x04\x61xes\x18\x01 \x03(\t\"\xae\x01\n\x0b\x41rrayLayout\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tmesh_axes\x18\x03 \x03(\t\x12\x12\n\nmesh_shape\x18\x04 \x03(\x05\x12\x31\n\x04spec\x18\x05 \x03(\x0b\x32#.meshserve.internal.v1.PartitionDim\x12\x13\n\x0bshard_shape\x18\x06 \x03(\x03\x12\x12\n\nnum_shards\x18\x07 \x01(\x05\"\xb6\x01\n\x07KVOffer\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12\x33\n\x07layouts\x18\x03 \x03(\x0b\x32\".meshserve.internal.v1.ArrayLayout\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12/\n\x07handoff\x18\x06 \x01(\x0b\x32\x1e.meshserve.internal.v1.Handoff\"\xb4\x02\n\x07Handoff\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x12\n\noutput_ids\x18\x04 \x03(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0cnum_computed\x18\x06 \x01(\r\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x12\n\ncache_root\x18\x08 \x01(\x0c\x12\x15\n\rcached_tokens\x18\t \x01(\r\x12/\n\x06layout\x18\n \x01(\x0b\x32\x1f.meshserve.internal.v1.KVLayout\x12\x15\n\x08queue_ms\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nprefill_ms\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_queue_msB\r\n\x0b_prefill_ms\"\x85\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05pages\x18\x06 \x01(\r\x12\x0c\n\x04rows\x18\x07 \x01(\r\"\r\n\x0bLoadRequest\"\x9c\x01\n\x04Load\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nfree_pages\x18\x03 \x01(\r\x12\x13\n\x0btotal_pages\x18\x04 \x01(\r\x12\x16\n\x0epending_offers\x18\x05 \x01(\r\x12\x18\n\x10offers_reclaimed\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x62\x61ndoned_pulls\x18\x07 \x01(\x04\x32\xbe\x01\n\x07Prefill\x12g\n\x07Prefill\x12+.meshserve.internal.v1.PrefillClientMessage\x1a+.meshserve.internal.v1.PrefillServerMessage(\x01\x30\x01\x12J\n\x07GetLoad\x12\".meshserve.internal.v1.LoadRequest\x1a\x1b.meshserve.internal.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&meshserve/serving/proto/internal.proto\x12\x15meshserve.internal.v1\x1a\'meshserve/serving/proto/meshserve.proto\"\xb4\x01\n\x14PrefillClientMessage\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.meshserve.internal.v1.PrefillStartH\x00\x12/\n\x06pulled\x18\x02 \x01(\x0b\x32\x1d.meshserve.internal.v1.PulledH\x00\x12-\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x1c.meshserve.internal.v1.FetchH\x00\x42\x06\n\x04kind\"\x15\n\x05\x46\x65tch\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\"5\n\x07KVChunk\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x0cPrefillStart\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.meshserve.v1.GenerateRequest\x12.\n\x07kv_path\x18\x02 \x01(\x0e\x32\x1d.meshserve.internal.v1.KVPath\"1\n\x06Pulled\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xb4\x01\n\x14PrefillServerMessage\x12/\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1e.meshserve.v1.GenerateResponseH\x00\x12/\n\x05offer\x18\x02 \x01(\x0b\x32\x1e.meshserve.internal.v1.KVOfferH\x00\x12\x32\n\x08kv_chunk\x18\x03 \x01(\x0b\x32\x1e.meshserve.internal.v1.KVChunkH\x00\x42\x06\n\x04kind\"\x1c\n\x0cPartitionDim\x12\x0c\n\x04\x61xes\x18\x01 \x03(\t\"\xae\x01\n\x0b\x41rrayLayout\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x11\n\tmesh_axes\x18\x03 \x03(\t\x12\x12\n\nmesh_shape\x18\x04 \x03(\x05\x12\x31\n\x04spec\x18\x05 \x03(\x0b\x32#.meshserve.internal.v1.PartitionDim\x12\x13\n\x0bshard_shape\x18\x06 \x03(\x03\x12\x12\n\nnum_shards\x18\x07 \x01(\x05\"\xb6\x01\n\x07KVOffer\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12\x33\n\x07layouts\x18\x03 \x03(\x0b\x32\".meshserve.internal.v1.ArrayLayout\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12/\n\x07handoff\x18\x06 \x01(\x0b\x32\x1e.meshserve.internal.v1.Handoff\"\xb4\x02\n\x07Handoff\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x12\n\noutput_ids\x18\x04 \x03(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0cnum_computed\x18\x06 \x01(\r\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x12\n\ncache_root\x18\x08 \x01(\x0c\x12\x15\n\rcached_tokens\x18\t \x01(\r\x12/\n\x06layout\x18\n \x01(\x0b\x32\x1f.meshserve.internal.v1.KVLayout\x12\x15\n\x08queue_ms\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nprefill_ms\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_queue_msB\r\n\x0b_prefill_ms\"\x85\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05pages\x18\x06 \x01(\r\x12\x0c\n\x04rows\x18\x07 \x01(\r\"\r\n\x0bLoadRequest\"\x9c\x01\n\x04Load\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nfree_pages\x18\x03 \x01(\r\x12\x13\n\x0btotal_pages\x18\x04 \x01(\r\x12\x16\n\x0epending_offers\x18\x05 \x01(\r\x12\x18\n\x10offers_reclaimed\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x62\x61ndoned_pulls\x18\x07 \x01(\x04*4\n\x06KVPath\x12\x18\n\x14KV_PATH_JAX_TRANSFER\x10\x00\x12\x10\n\x0cKV_PATH_GRPC\x10\x01\x32\xbe\x01\n\x07Prefill\x12g\n\x07Prefill\x12+.meshserve.internal.v1.PrefillClientMessage\x1a+.meshserve.internal.v1.PrefillServerMessage(\x01\x30\x01\x12J\n\x07GetLoad\x12\".meshserve.internal.v1.LoadRequest\x1a\x1b.meshserve.internal.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.serving.proto.internal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_KVPATH']._serialized_start=1726
+  _globals['_KVPATH']._serialized_end=1778
   _globals['_PREFILLCLIENTMESSAGE']._serialized_start=107
-  _globals['_PREFILLCLIENTMESSAGE']._serialized_end=240
-  _globals['_PREFILLSTART']._serialized_start=242
-  _globals['_PREFILLSTART']._serialized_end=304
-  _globals['_PULLED']._serialized_start=306
-  _globals['_PULLED']._serialized_end=355
-  _globals['_PREFILLSERVERMESSAGE']._serialized_start=358
-  _globals['_PREFILLSERVERMESSAGE']._serialized_end=486
-  _globals['_PARTITIONDIM']._serialized_start=488
-  _globals['_PARTITIONDIM']._serialized_end=516
-  _globals['_ARRAYLAYOUT']._serialized_start=519
-  _globals['_ARRAYLAYOUT']._serialized_end=693
-  _globals['_KVOFFER']._serialized_start=696
-  _globals['_KVOFFER']._serialized_end=878
-  _globals['_HANDOFF']._serialized_start=881
-  _globals['_HANDOFF']._serialized_end=1189
-  _globals['_KVLAYOUT']._serialized_start=1192
-  _globals['_KVLAYOUT']._serialized_end=1325
-  _globals['_LOADREQUEST']._serialized_start=1327
-  _globals['_LOADREQUEST']._serialized_end=1340
-  _globals['_LOAD']._serialized_start=1343
-  _globals['_LOAD']._serialized_end=1499
-  _globals['_PREFILL']._serialized_start=1502
-  _globals['_PREFILL']._serialized_end=1692
+  _globals['_PREFILLCLIENTMESSAGE']._serialized_end=287
+  _globals['_FETCH']._serialized_start=289
+  _globals['_FETCH']._serialized_end=310
+  _globals['_KVCHUNK']._serialized_start=312
+  _globals['_KVCHUNK']._serialized_end=365
+  _globals['_PREFILLSTART']._serialized_start=367
+  _globals['_PREFILLSTART']._serialized_end=477
+  _globals['_PULLED']._serialized_start=479
+  _globals['_PULLED']._serialized_end=528
+  _globals['_PREFILLSERVERMESSAGE']._serialized_start=531
+  _globals['_PREFILLSERVERMESSAGE']._serialized_end=711
+  _globals['_PARTITIONDIM']._serialized_start=713
+  _globals['_PARTITIONDIM']._serialized_end=741
+  _globals['_ARRAYLAYOUT']._serialized_start=744
+  _globals['_ARRAYLAYOUT']._serialized_end=918
+  _globals['_KVOFFER']._serialized_start=921
+  _globals['_KVOFFER']._serialized_end=1103
+  _globals['_HANDOFF']._serialized_start=1106
+  _globals['_HANDOFF']._serialized_end=1414
+  _globals['_KVLAYOUT']._serialized_start=1417
+  _globals['_KVLAYOUT']._serialized_end=1550
+  _globals['_LOADREQUEST']._serialized_start=1552
+  _globals['_LOADREQUEST']._serialized_end=1565
+  _globals['_LOAD']._serialized_start=1568
+  _globals['_LOAD']._serialized_end=1724
+  _globals['_PREFILL']._serialized_start=1781
+  _globals['_PREFILL']._serialized_end=1971
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from meshserve.serving.proto import meshserve_pb2 as _meshserve_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,19 +8,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class KVPath(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_PATH_JAX_TRANSFER: _ClassVar[KVPath]
+    KV_PATH_GRPC: _ClassVar[KVPath]
+KV_PATH_JAX_TRANSFER: KVPath
+KV_PATH_GRPC: KVPath
+
 class PrefillClientMessage(_message.Message):
-    __slots__ = ("start", "pulled")
+    __slots__ = ("start", "pulled", "fetch")
     START_FIELD_NUMBER: _ClassVar[int]
     PULLED_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     start: PrefillStart
     pulled: Pulled
-    def __init__(self, start: _Optional[_Union[PrefillStart, _Mapping]] = ..., pulled: _Optional[_Union[Pulled, _Mapping]] = ...) -> None: ...
+    fetch: Fetch
+    def __init__(self, start: _Optional[_Union[PrefillStart, _Mapping]] = ..., pulled: _Optional[_Union[Pulled, _Mapping]] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ...) -> None: ...
+
+class Fetch(_message.Message):
+    __slots__ = ("uuid",)
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    uuid: int
+    def __init__(self, uuid: _Optional[int] = ...) -> None: ...
+
+class KVChunk(_message.Message):
+    __slots__ = ("uuid", "offset", "data")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    uuid: int
+    offset: int
+    data: bytes
+    def __init__(self, uuid: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PrefillStart(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "kv_path")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    KV_PATH_FIELD_NUMBER: _ClassVar[int]
     request: _meshserve_pb2.GenerateRequest
-    def __init__(self, request: _Optional[_Union[_meshserve_pb2.GenerateRequest, _Mapping]] = ...) -> None: ...
+    kv_path: KVPath
+    def __init__(self, request: _Optional[_Union[_meshserve_pb2.GenerateRequest, _Mapping]] = ..., kv_path: _Optional[_Union[KVPath, str]] = ...) -> None: ...
 
 class Pulled(_message.Message):
     __slots__ = ("uuid", "ok", "error")
@@ -32,12 +60,14 @@ class Pulled(_message.Message):
     def __init__(self, uuid: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PrefillServerMessage(_message.Message):
-    __slots__ = ("chunk", "offer")
+    __slots__ = ("chunk", "offer", "kv_chunk")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
     chunk: _meshserve_pb2.GenerateResponse
     offer: KVOffer
-    def __init__(self, chunk: _Optional[_Union[_meshserve_pb2.GenerateResponse, _Mapping]] = ..., offer: _Optional[_Union[KVOffer, _Mapping]] = ...) -> None: ...
+    kv_chunk: KVChunk
+    def __init__(self, chunk: _Optional[_Union[_meshserve_pb2.GenerateResponse, _Mapping]] = ..., offer: _Optional[_Union[KVOffer, _Mapping]] = ..., kv_chunk: _Optional[_Union[KVChunk, _Mapping]] = ...) -> None: ...
 
 class PartitionDim(_message.Message):
     __slots__ = ("axes",)
