@@ -2,9 +2,11 @@
 subprocesses, and a `--role decode` server (in this process, on the shared demo engine)
 that prefills on them, pulls the KV through jax.experimental.transfer and decodes.
 
-Greedy outputs equal the colocated server's; a prefill peer killed after the first token
-ends the stream with UNAVAILABLE within the flag-bounded wait and nothing repeated; a dead
-peer before the first token is retried on the other one; pages end free on both sides.
+Greedy outputs equal the colocated server's (KV through jax.experimental.transfer, and
+on the internal call under mutual TLS); a prefill peer killed after the first token ends
+the stream with UNAVAILABLE at once and nothing repeated; a dead peer before the first
+token is retried on the other one; an offer nobody pulls is reclaimed; the internal API
+needs the bearer token; pages end free on both sides.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tests.serving_fixtures import (  # noqa: F401
     tokens_of,
     wait_idle,
 )
+from tests.test_serving_security import certs  # noqa: F401
 
 PREFILL_FLAGS = ("--warmup=false", *SERVING_FLAGS, "--role", "prefill", "--kv-offer-ttl", "20")
 TOKEN = b"peer-token-0123456789"
@@ -67,7 +70,8 @@ def prefill_peer(demo_ckpt, token_file):  # noqa: F811
 
 
 def _decode(model, *peers: str, **kw) -> ServerThread:
-    options = DecodeOptions(prefill_peers=peers, prefill_timeout_s=kw.pop("prefill_timeout", 20.0),
+    options = DecodeOptions(**kw.pop("tls", {}), prefill_peers=peers,
+                            prefill_timeout_s=kw.pop("prefill_timeout", 20.0),
                             transfer_timeout_s=kw.pop("transfer_timeout", 30.0),
                             failure_backoff_s=kw.pop("backoff", 0.0),
                             peer_auth_token=kw.pop("token", TOKEN),
@@ -149,6 +153,44 @@ def test_remote_prefill_outputs_equal_colocated(demo_model, prefill_peer):  # no
         _peer_idle(prefill_peer.target)
     finally:
         decode.stop()
+
+
+def test_mutual_tls_peer_with_the_kv_on_the_call(demo_ckpt, demo_model, certs,  # noqa: F811
+                                                 token_file, tmp_path):
+    """Encrypted end to end: the prefill server demands client certificates, the KV
+    comes on the TLS call (--kv-transport grpc), and plaintext to the peer fails."""
+    from tests.serving_fixtures import subprocess_env
+
+    for name in ("server.pem", "server.key", "ca.pem"):
+        (tmp_path / name).write_bytes(certs[name])
+    peer = ServeProcess("--checkpoint", demo_ckpt, *PREFILL_FLAGS, "--auth-token-file",
+                        token_file, "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
+                        str(tmp_path / "server.key"), "--tls-client-ca",
+                        str(tmp_path / "ca.pem"), env=subprocess_env())
+    tls = dict(peer_tls=True, peer_tls_ca=certs["ca.pem"], peer_tls_cert=certs["client.pem"],
+               peer_tls_key=certs["client.key"])
+    target = f"localhost:{peer.port}"  # the name the server certificate is issued for
+    try:
+        with running_server(demo_model) as colocated:
+            want = _run(colocated.target, CASES[1:3])
+        decode = _decode(demo_model, target, tls=tls, kv_transport="grpc")
+        try:
+            got = _run(decode.target, CASES[1:3])
+            assert [g[0] for g in got] == [w[0] for w in want]
+            assert _sample(decode, "meshserve_kv_transfer_bytes_count") == 2
+        finally:
+            decode.stop()
+        decode = _decode(demo_model, target)  # no TLS: refused, no retry target left
+        try:
+            channel, stub = stub_for(decode.target)
+            with channel, pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request(token_ids=[1, 2, 3], max_tokens=4), timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            decode.stop()
+        wait_idle(demo_model.slices[0].engine)
+    finally:
+        peer.kill()
 
 
 def test_internal_api_needs_the_token(demo_model, prefill_peer):  # noqa: F811
