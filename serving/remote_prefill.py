@@ -382,8 +382,16 @@ class RemoteStream:
             except (TimeoutError, grpc.aio.AioRpcError):
                 pass  # the peer reclaims on its TTL or when the call ends
             rec.decode_started = time.perf_counter()
+            admit = asyncio.ensure_future(asyncio.to_thread(engine.add_prefilled,
+                                                            handoff.with_kv(kv[0])))
             try:
-                handle = await asyncio.to_thread(engine.add_prefilled, handoff.with_kv(kv[0]))
+                handle = await asyncio.shield(admit)
+            except asyncio.CancelledError:
+                # Cancelled meanwhile: once admitted, stop it there (the core's close has
+                # already aborted an id the engine did not know yet).
+                admit.add_done_callback(lambda t: t.cancelled() or t.exception() is not None
+                                        or engine.abort(rid))
+                raise
             except (HandoffError, EngineOverloadedError) as e:
                 raise PeerFailed("admit", f"the decode engine refused the handoff: {e}",
                                  retry=False) from None

@@ -12,12 +12,14 @@ needs the bearer token; pages end free on both sides.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -76,7 +78,7 @@ def _decode(model, *peers: str, **kw) -> ServerThread:
                             failure_backoff_s=kw.pop("backoff", 0.0),
                             peer_auth_token=kw.pop("token", TOKEN),
                             kv_transport=kw.pop("kv_transport", "jax"))
-    return ServerThread(model, disagg=DisaggOptions(role="decode", decode=options))
+    return ServerThread(model, disagg=DisaggOptions(role="decode", decode=options), **kw)
 
 
 def _run(target: str, cases, metadata=()) -> list[tuple[list[int], str, object]]:
@@ -143,12 +145,22 @@ def test_remote_prefill_outputs_equal_colocated(demo_model, prefill_peer):  # no
     finally:
         decode.stop()
     # The KV on the internal call itself (under its TLS when it has one): same outputs.
-    decode = _decode(demo_model, prefill_peer.target, kv_transport="grpc")
+    decode = _decode(demo_model, prefill_peer.target, kv_transport="grpc", http_port=0)
     try:
         got = _run(decode.target, CASES[:4])
         assert [g[0] for g in got] == [w[0] for w in want[:4]]
         assert [g[1] for g in got] == [w[1] for w in want[:4]]
         assert _sample(decode, "meshserve_kv_transfer_bytes_count") == 4
+        # The HTTP API shares the request path: the same completion.
+        ids, n = CASES[3]
+        body = json.dumps({"model": decode.server.model_name, "prompt": ids, "max_tokens": n,
+                           "ignore_eos": True}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{decode.server.http_port}/v1/completions", body,
+            {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.load(r)["choices"][0]["text"] == want[3][1]
+        assert _sample(decode, "meshserve_kv_transfer_bytes_count") == 5
         wait_idle(demo_model.slices[0].engine)
         _peer_idle(prefill_peer.target)
     finally:
