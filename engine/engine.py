@@ -515,7 +515,7 @@ class Engine(DisaggregationMixin):
         with self._lock:
             live = list(self._live.values())
             self._inbox.clear()
-        self._handoff.fail_all(message)
+        self._handoff.fail_all()
         for seq, handle in live:
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, reason)

@@ -17,20 +17,20 @@ needs follows from token ids: sampling randomness depends only on (seed, token i
 so the handoff carries the seed in use, and penalty statistics are rebuilt from the
 tokens fed so far (engine/sampler.py).
 
-Scheduler state belongs to the engine thread: export, release and expiry run there, as
-tasks queued under the engine's lock between steps (the pool arrays are replaced by
-every step, so only that thread may read them).
+Scheduler state and the pool arrays belong to the engine thread (every step replaces
+the arrays): the gather is dispatched there as the request parks, right behind the
+step that computed its pages (so `export_kv` never waits for a step), and releases and
+expiries run there between steps, queued under the engine's lock.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -198,7 +198,7 @@ def _bucket(pages: int, limit: int) -> int:
 class _Parked:
     seq: Sequence
     deadline: float
-    exporting: bool = False
+    handoff: KVHandoff  # gathered as it parked
 
 
 class Handoffs:
@@ -209,8 +209,7 @@ class Handoffs:
         self._engine = engine
         self._lock: threading.Condition = engine._lock
         self._parked: dict[str, _Parked] = {}
-        self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = (
-            collections.deque())
+        self._releases: collections.deque[str] = collections.deque()
         rules = engine.model.rules
         self._rules = rules
         self.kv_split = rules.axis_size("kv_split")
@@ -283,9 +282,12 @@ class Handoffs:
         eng = self._engine
         eng.scheduler.park(seq)
         seq.status = Status.PARKED
+        # The gather is dispatched now, behind the step that computed the pages: export_kv
+        # then never waits for the engine's next turn (a long prefill chunk, say).
+        handoff = self._gather_handoff(seq)
         with self._lock:
             self._parked[seq.request_id] = _Parked(
-                seq, time.monotonic() + eng.config.park_timeout_s)
+                seq, time.monotonic() + eng.config.park_timeout_s, handoff)
             eng._live.pop(seq.request_id, None)
             self._lock.notify_all()  # the loop's wait now has a deadline
         new = tuple(seq.output_ids[seq.sent_tokens:])
@@ -301,32 +303,24 @@ class Handoffs:
         ))
         return True
 
-    def export(self, request_id: str, timeout: float) -> KVHandoff:
-        """(Any thread.) The parked request's handoff; its pages stay held."""
+    def export(self, request_id: str) -> KVHandoff:
+        """(Any thread.) The parked request's handoff (the same one each time); its pages
+        stay held, for another park_timeout_s from now."""
         with self._lock:
             entry = self._parked.get(request_id)
             if entry is None:
                 raise NotParkedError(f"request {request_id!r} is not parked")
-            entry.exporting = True  # no expiry while its pages are being read
-        try:
-            return self._call(lambda: self._export(request_id), timeout)
-        finally:
-            with self._lock:  # the exporter has park_timeout_s again to release it
-                entry.exporting = False
-                entry.deadline = time.monotonic() + self._engine.config.park_timeout_s
+            entry.deadline = time.monotonic() + self._engine.config.park_timeout_s
+            self.exported += 1
+            return entry.handoff
 
-    def _export(self, request_id: str) -> KVHandoff:
-        with self._lock:
-            entry = self._parked.get(request_id)
-        if entry is None:
-            raise NotParkedError(f"request {request_id!r} is no longer parked")
-        seq, eng = entry.seq, self._engine
+    def _gather_handoff(self, seq: Sequence) -> KVHandoff:
+        eng = self._engine
         pages = eng.scheduler.pages_for(seq.num_computed)
         layout = self.pool_layout(pages, _bucket(pages, eng.pages_per_seq))
         rows = np.full(layout.rows, eng.num_pages * eng.data_shards, np.int32)
         rows[:pages] = self._rows(seq.shard, seq.pages[:pages])
         kv = self._gather(eng._kv, rows)
-        self.exported += 1
         ms = lambda a, b: None if a is None or b is None else (b - a) * 1e3  # noqa: E731
         return KVHandoff(
             request_id=seq.request_id, prompt_ids=tuple(seq.prompt_ids),
@@ -343,7 +337,7 @@ class Handoffs:
         with self._lock:
             if request_id not in self._parked:
                 return False
-            self._tasks.append((lambda: self._release(request_id), None))
+            self._releases.append(request_id)
             self._lock.notify_all()
         if self._engine._thread is None:
             self.run_tasks()
@@ -450,24 +444,12 @@ class Handoffs:
         seq.fresh_slot = False
 
     # -- the engine loop ---------------------------------------------------------------
-    def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._tasks.append((fn, future))
-            self._lock.notify_all()
-        if self._engine._thread is None or threading.current_thread() is self._engine._thread:
-            self.run_tasks()
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"the engine did not answer within {timeout} s") from None
-
     def has_work(self) -> bool:
-        """(Under the engine lock.) Tasks are queued or a parked request has expired."""
-        if self._tasks:
+        """(Under the engine lock.) Releases are queued or a parked request expired."""
+        if self._releases:
             return True
         now = time.monotonic()
-        return any(e.deadline <= now and not e.exporting for e in self._parked.values())
+        return any(e.deadline <= now for e in self._parked.values())
 
     def wait_timeout(self) -> float | None:
         """(Under the engine lock.) How long the idle loop may sleep: until the next
@@ -477,38 +459,23 @@ class Handoffs:
         return max(0.0, min(e.deadline for e in self._parked.values()) - time.monotonic())
 
     def run_tasks(self) -> None:
-        """Run queued tasks and free expired parked requests (engine thread)."""
+        """Free released and expired parked requests (engine thread)."""
         now = time.monotonic()
         with self._lock:
-            tasks, self._tasks = list(self._tasks), collections.deque()
-            expired = [rid for rid, e in self._parked.items()
-                       if e.deadline <= now and not e.exporting]
-        for fn, future in tasks:
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn()
-            except Exception as e:  # noqa: BLE001 - the caller gets it
-                if future is None:
-                    raise
-                future.set_exception(e)
-            else:
-                if future is not None:
-                    future.set_result(result)
-        for rid in expired:
-            self.expired += 1
+            released, self._releases = list(self._releases), collections.deque()
+            expired = [rid for rid, e in self._parked.items() if e.deadline <= now]
+        for rid in released:
             self._release(rid)
+        for rid in expired:
+            if rid not in released:
+                self.expired += 1
+                self._release(rid)
 
-    def fail_all(self, message: str) -> None:
-        """The engine stopped: nothing stays parked, no caller waits."""
-        from meshserve.engine.engine import EngineDeadError
-
+    def fail_all(self) -> None:
+        """The engine stopped: nothing stays parked."""
         with self._lock:
-            tasks, self._tasks = list(self._tasks), collections.deque()
+            self._releases.clear()
             self._parked.clear()
-        for _, future in tasks:
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(EngineDeadError(message))
 
 
 class DisaggregationMixin:
@@ -516,10 +483,11 @@ class DisaggregationMixin:
 
     _handoff: Handoffs
 
-    def export_kv(self, request_id: str, timeout: float = 30.0) -> KVHandoff:
-        """The parked request's KVHandoff (its KV gathered on this engine's mesh; pages
-        stay held until `release_parked`). Raises NotParkedError, TimeoutError."""
-        return self._handoff.export(request_id, timeout)
+    def export_kv(self, request_id: str) -> KVHandoff:
+        """The parked request's KVHandoff (its KV gathered on this engine's mesh as it
+        parked, possibly still being computed; pages stay held until `release_parked`).
+        Raises NotParkedError. Never waits for the engine."""
+        return self._handoff.export(request_id)
 
     def release_parked(self, request_id: str) -> bool:
         """Free a parked request's pages (done by the engine's next turn); False if it is
@@ -545,6 +513,16 @@ class DisaggregationMixin:
         """Compile the handoff programs (before `start()`, like `warmup`): `export` for a
         prefill engine, `imports` for a decode engine."""
         return self._handoff.warmup(export, imports)
+
+    def handoff_layout(self) -> KVLayout:
+        """This engine's pool as a KVLayout (pages = rows = 1): what a handoff must match
+        (`KVLayout.check_pool`) before a transport moves anything."""
+        return self._handoff.pool_layout()
+
+    def handoff_sharding(self, layout: KVLayout) -> jax.sharding.NamedSharding:
+        """Where `receive_kv` puts a handoff's array on this engine's mesh (a transport
+        that cannot reshard pulls into the sender's layout, then `receive_kv` reshards)."""
+        return self._handoff.handoff_sharding(layout)
 
     def parked_requests(self) -> list[str]:
         return self._handoff.parked_ids()

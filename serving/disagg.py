@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 EXPORT, TRANSFER, NO_DECODE_SLICE, DECODE_OVERLOADED, IMPORT = (
     "export", "transfer", "no_decode_slice", "decode_overloaded", "import")
 FAILURE_KINDS = (EXPORT, TRANSFER, NO_DECODE_SLICE, DECODE_OVERLOADED, IMPORT)
-EXPORT_TIMEOUT_S = 30.0
 
 
 class HandoffFailed(Exception):
@@ -91,8 +90,8 @@ def _move(gen: Generation, record: HandoffRecord) -> None:
     prefill = gen.slice
     try:
         try:
-            handoff = prefill.engine.export_kv(rid, timeout=EXPORT_TIMEOUT_S)
-        except (NotParkedError, TimeoutError, EngineDeadError) as e:
+            handoff = prefill.engine.export_kv(rid)
+        except (NotParkedError, EngineDeadError) as e:
             raise HandoffFailed(EXPORT, f"exporting the KV failed: {e}") from None
         record.prefill_ms = handoff.prefill_ms
         record.nbytes = handoff.layout.nbytes

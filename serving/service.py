@@ -120,6 +120,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                 index=s.index, mesh_layout=s.layout, devices=s.devices, healthy=s.healthy,
                 running=st.running, waiting=st.waiting, free_pages=st.free_pages,
                 total_pages=st.total_pages, preemptions=st.preemptions, routed_requests=s.routed,
+                role=s.role, parked=st.parked,
             )
         fill_runtime(info, [list(s.engine.model.rules.mesh.devices.flat)
                             for s in self.router.slices])

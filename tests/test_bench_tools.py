@@ -102,3 +102,24 @@ def test_bench_prefix_drives_two_routed_slices(tmp_path):
     assert sum(v for k, v in metrics.items()
                if k.startswith("meshserve_routing_decisions_total")) == 6
     assert report["configs"]["cache-aware"]["flags"][:2] == ["--slices", "2"]
+
+
+def test_bench_disagg_runs_both_setups_on_the_same_engines(tmp_path):
+    out = tmp_path / "disagg.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "meshserve.tools.cli", "bench-disagg", "--demo",
+         "--cpu-devices", "2", "--short", "3", "--short-output", "6", "--long", "1",
+         "--long-input", "100", "--long-start-ms", "20", "--max-step-tokens", "64",
+         "--max-seqs", "4", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    colocated, pd = report["colocated"], report["disaggregated"]
+    assert colocated["completed"] == pd["completed"] == 4
+    assert colocated["kv_bytes_per_request"] == 0  # nothing moves when colocated
+    # every request moved its KV: 16-token prompts 1 page, the 100-token one 7 (a bucket
+    # of 8 capped at the 7 pages of max_model_len 108), each page 4 layers x 16 slots x
+    # 8 channels x 32 x 4 bytes
+    assert pd["kv_bytes_per_request"] == (3 * 1 + 7) * 4 * 16 * 8 * 32 * 4 / 4
+    assert pd["kv_transfer_ms"]["mean"] > 0
+    assert "ITL p99 short (ms)" in done.stdout

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
+import urllib.request
 
 import grpc
 import pytest
 
+from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.slices import DECODE, PREFILL, Slice, _meshes
 from tests import hf_models
 from tests.serving_fixtures import (
@@ -62,16 +65,32 @@ def test_pd_server_streams_what_a_colocated_server_and_transformers_do(pd_model)
     prefill, decode = pd_model.slices
     assert (prefill.role, decode.role) == (PREFILL, DECODE)
     assert set(prefill.devices).isdisjoint(decode.devices)
-    with running_server(pd_model) as server:
+    with running_server(pd_model, http_port=0) as server:
         results = _generate_all(server.target)
+        # The OpenAI API takes the same path: one body with every token, once.
+        body = json.dumps({"prompt": PROMPTS[1], "max_tokens": MAX_TOKENS[1], "ignore_eos":
+                           True, "temperature": 0, "return_token_ids": True}).encode()
+        http = urllib.request.Request(
+            f"http://127.0.0.1:{server.server.http_port}/v1/completions", data=body,
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(http, timeout=60) as r:
+            completion = json.loads(r.read())
+        assert completion["choices"][0]["token_ids"] == tokens_of(results[1])
+        assert completion["usage"]["completion_tokens"] == MAX_TOKENS[1]
+        channel, stub = stub_for(server.target)
+        with channel:
+            info = stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert [(s.role, s.parked) for s in info.slices] == [(PREFILL, 0), (DECODE, 0)]
+        assert [s.routed_requests for s in info.slices] == [len(PROMPTS) + 1] * 2
         registry = server.server.metrics.registry
         sample = registry.get_sample_value
-        assert sample("meshserve_kv_transfer_seconds_count") == len(PROMPTS)
-        assert sample("meshserve_kv_transfer_bytes_sum") == sum(
-            r[-1].timings.kv_transfer_bytes for r in results)
+        assert sample("meshserve_kv_transfer_seconds_count") == len(PROMPTS) + 1
+        moved = [r[-1].timings.kv_transfer_bytes for r in results]
+        assert sample("meshserve_kv_transfer_bytes_sum") == sum(moved) + moved[1]  # + HTTP
         assert sample("meshserve_kv_transfer_failures_total", {"kind": "export"}) == 0
-        assert sample("meshserve_role_queue_seconds_count", {"role": "decode"}) == len(PROMPTS)
-        assert sample("meshserve_role_queue_seconds_count", {"role": "prefill"}) == len(PROMPTS)
+        for role in ("prefill", "decode"):
+            assert sample("meshserve_role_queue_seconds_count", {"role": role}) == len(
+                PROMPTS) + 1
     _idle(pd_model)
     # The colocated server: one slice doing both, on the decode slice's engine.
     colocated = dataclasses.replace(pd_model, slices=[Slice(0, decode.engine, decode.layout,
@@ -129,3 +148,47 @@ def test_prefill_slice_flags_are_checked_before_loading():
     assert [role for _, role in layouts] == [PREFILL, DECODE]
     assert layouts[0][0].startswith("data=1,tensor=4")
     assert layouts[1][0].startswith("data=2,tensor=2")
+
+
+def test_other_layouts_then_a_dead_decode_slice(checkpoint_dir):
+    """Prefill tensor=2 (devices 0-1), decode data=2,tensor=2 (2-5): the KV is resharded
+    on the way and the tokens do not change. Then the decode slice stops: a request gets
+    its first token and a clean UNAVAILABLE, and the prefill slice frees its pages."""
+    from meshserve.serving import launch
+
+    model = launch.load(checkpoint_dir("llama"), "data=2,tensor=2", 2, "float32",
+                        SERVING_CONFIG, prefill_slices=1, prefill_mesh="tensor=2")
+    launch.warm_up(model)
+    prefill, decode = model.slices
+    try:
+        assert (prefill.layout.split(",")[:2], decode.layout.split(",")[:2]) == (
+            ["data=1", "tensor=2"], ["data=2", "tensor=2"])
+        picks = (1, 5, 10, 3)
+        with running_server(model) as server:
+            channel, stub = stub_for(server.target)
+            with channel:
+                def one(i):
+                    return tokens_of(stub.Generate(request(
+                        token_ids=PROMPTS[i], max_tokens=MAX_TOKENS[i], ignore_eos=True)))
+
+                with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                    got = list(pool.map(one, picks))
+                for i, tokens in zip(picks, got, strict=True):
+                    assert tokens == hf_models.hf_greedy("llama", PROMPTS[i], MAX_TOKENS[i])
+                _idle(model)
+                decode.engine.shutdown()
+                call = stub.Generate(request(token_ids=PROMPTS[3], max_tokens=20,
+                                             ignore_eos=True))
+                assert len(next(call).token_ids) == 1
+                with pytest.raises(grpc.RpcError) as e:
+                    list(call)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "no healthy decode slice" in e.value.details()
+                failures = server.server.metrics.registry.get_sample_value(
+                    "meshserve_kv_transfer_failures_total", {"kind": "no_decode_slice"})
+                assert failures == 1
+        wait_idle(prefill.engine)
+        assert prefill.engine.stats().parked == 0
+    finally:
+        for s in model.slices:
+            s.engine.shutdown(timeout=10.0)

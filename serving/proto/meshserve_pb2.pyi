@@ -159,7 +159,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SliceInfo(_message.Message):
-    __slots__ = ("index", "mesh_layout", "devices", "healthy", "running", "waiting", "free_pages", "total_pages", "preemptions", "routed_requests", "device_info")
+    __slots__ = ("index", "mesh_layout", "devices", "healthy", "running", "waiting", "free_pages", "total_pages", "preemptions", "routed_requests", "device_info", "role", "parked")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     MESH_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,8 @@ class SliceInfo(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     ROUTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_INFO_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
     index: int
     mesh_layout: str
     devices: _containers.RepeatedScalarFieldContainer[str]
@@ -182,7 +184,9 @@ class SliceInfo(_message.Message):
     preemptions: int
     routed_requests: int
     device_info: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
-    def __init__(self, index: _Optional[int] = ..., mesh_layout: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., preemptions: _Optional[int] = ..., routed_requests: _Optional[int] = ..., device_info: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+    role: str
+    parked: int
+    def __init__(self, index: _Optional[int] = ..., mesh_layout: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., preemptions: _Optional[int] = ..., routed_requests: _Optional[int] = ..., device_info: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., role: _Optional[str] = ..., parked: _Optional[int] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
     __slots__ = ("id", "platform", "kind", "process_index", "coords", "core_on_chip")
