@@ -67,7 +67,7 @@ class Role:
 
         o = options
         self.metrics = DisaggMetrics(metrics, self.name)
-        timeout = o.decode.transfer_timeout_s if o.decode else o.prefill.export_timeout_s
+        timeout = o.decode.transfer_timeout_s if o.decode else o.prefill.reclaim_timeout_s
         self.transport = KVTransport(o.kv_transfer_address, allow_remote=o.kv_transfer_insecure,
                                      ttl_s=o.prefill.offer_ttl_s, pull_timeout_s=timeout,
                                      device=slices[0].engine.model.rules.mesh.devices.flat[0])

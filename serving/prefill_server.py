@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from meshserve.engine.engine import EngineDeadError, EngineOverloadedError
-from meshserve.engine.handoff import PREFILLED
+from meshserve.engine.handoff import PREFILLED, NotParkedError
 from meshserve.engine.kv_transfer import KVTransport, TransferError, array_layout
 from meshserve.engine.sampling_params import InvalidRequestError
 from meshserve.serving import logs
@@ -46,7 +46,7 @@ def _host_bytes(kv) -> bytes:
 class PrefillOptions:
     offer_ttl_s: float = 30.0  # an offer nobody acknowledged is reclaimed after this
     start_timeout_s: float = 10.0  # the first message must come within this
-    export_timeout_s: float = 30.0  # the engine gathering the parked pages
+    reclaim_timeout_s: float = 10.0  # pulling an unacknowledged offer back from ourselves
 
 
 class PrefillServicer(ipb_grpc.PrefillServicer):
@@ -141,8 +141,10 @@ class PrefillServicer(ipb_grpc.PrefillServicer):
             m.leave(stage, time.perf_counter() - began)
             stage = None
             began = time.perf_counter()
-            handoff = await asyncio.to_thread(s.engine.export_kv, rid,
-                                              self.options.export_timeout_s)
+            try:
+                handoff = s.engine.export_kv(rid)  # gathered as it parked: no wait
+            except NotParkedError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill lost the KV: {e}")
             if by_grpc:
                 uid, layouts = secrets.randbits(63) | 1, (array_layout(handoff.kv),)
             else:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.engine.engine import EngineOverloadedError
-from meshserve.engine.handoff import HANDOFF_AXES, PREFILLED, HandoffError
+from meshserve.engine.handoff import PREFILLED, HandoffError
 from meshserve.engine.kv_transfer import (
     KVTransport,
     LayoutMismatchError,
@@ -306,7 +306,7 @@ class RemoteStream:
                     start=ipb.PrefillStart(request=self.request, kv_path=self.kv_path))),
                     o.prefill_timeout_s)
             except TimeoutError:
-                raise PeerFailed("prefill_unavailable", "could not send the request in "
+                raise PeerFailed("prefill_timeout", "could not send the request in "
                                  f"{o.prefill_timeout_s} s") from None
             except Exception:  # noqa: BLE001 - the call ended: its status says why
                 code = await asyncio.wait_for(call.code(), o.prefill_timeout_s)
@@ -351,8 +351,7 @@ class RemoteStream:
             engine = self.slice.engine
             lay = handoff.layout
             dest = [jax.ShapeDtypeStruct(lay.shape, jnp.dtype(lay.dtype),
-                                         sharding=engine.model.rules.sharding(HANDOFF_AXES,
-                                                                              lay.shape))]
+                                         sharding=engine.handoff_sharding(lay))]
             pull_began = time.perf_counter()
             try:
                 if self.kv_path == ipb.KV_PATH_GRPC:
