@@ -199,15 +199,15 @@ class PrefillServicer(ipb_grpc.PrefillServicer):
             self.inflight[s.index] -= 1
             if offered:
                 self.offers -= 1
-            if offer is not None:
-                if self.transport.pending(offer.uuid):
-                    # Reclaiming pulls from ourselves: bounded, but off the event loop.
-                    await asyncio.shield(asyncio.to_thread(self.transport.withdraw, offer.uuid,
-                                                           how))
+            # The pages first (the offer is a gathered copy of them), then the offer.
             if not finished:
                 s.engine.abort(rid)
             else:
                 s.engine.release_parked(rid)
+            if offer is not None and self.transport.pending(offer.uuid):
+                # Reclaiming pulls from ourselves: bounded, but off the event loop.
+                await asyncio.shield(asyncio.to_thread(self.transport.withdraw, offer.uuid,
+                                                       how))
             logs.event("prefill_handoff", logging.INFO if how in ("pulled", "stop", "length")
                        else logging.WARNING, request_id=rid, slice=s.index, outcome=how,
                        kv_path="grpc" if by_grpc else "jax_transfer",

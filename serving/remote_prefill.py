@@ -298,6 +298,7 @@ class RemoteStream:
         call = peer.stub.Prefill(metadata=peer.metadata)
         peer.inflight += 1
         stage: str | None = "remote_prefill"
+        acked = False
         m.enter(stage)
         began = time.perf_counter()
         try:
@@ -350,6 +351,13 @@ class RemoteStream:
                 raise PeerFailed("bad_offer", str(e)) from None
             engine = self.slice.engine
             lay = handoff.layout
+            try:  # before anything is allocated for it: the pool's layout, bounded rows
+                lay.check_pool(engine.handoff_layout())
+                if lay.rows > 2 * engine.pages_per_seq or lay.pages > engine.pages_per_seq:
+                    raise HandoffError(f"{lay.rows} rows / {lay.pages} pages exceed a "
+                                       f"sequence's {engine.pages_per_seq} pages")
+            except HandoffError as e:
+                raise PeerFailed("bad_offer", str(e)) from None
             dest = [jax.ShapeDtypeStruct(lay.shape, jnp.dtype(lay.dtype),
                                          sharding=engine.handoff_sharding(lay))]
             pull_began = time.perf_counter()
@@ -378,6 +386,7 @@ class RemoteStream:
                 await asyncio.wait_for(call.write(ipb.PrefillClientMessage(
                     pulled=ipb.Pulled(uuid=offer.uuid, ok=True))), o.transfer_timeout_s)
                 await call.done_writing()
+                acked = True
             except (TimeoutError, grpc.aio.AioRpcError):
                 pass  # the peer reclaims on its TTL or when the call ends
             rec.decode_started = time.perf_counter()
@@ -402,4 +411,5 @@ class RemoteStream:
             if stage is not None:
                 m.leave(stage)
             peer.inflight -= 1
-            call.cancel()  # a no-op once the call is done; else the peer frees its side
+            if not acked:  # the peer frees its side (cancelling after Pulled could race it)
+                call.cancel()
