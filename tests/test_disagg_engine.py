@@ -96,6 +96,7 @@ def test_prefill_here_decode_there_equals_colocated(ckpt, colocated, layouts):
         wait_free(prefill)
         wait_free(decode)
         assert decode.stats().prefix_cache_queries == 0  # imports look nothing up
+        assert decode.stats().cached_pages > 0  # ... but their full pages join the cache
     finally:
         prefill.shutdown()
         decode.shutdown()
