@@ -217,6 +217,7 @@ class TransferStats:
     reclaimed: int = 0  # offers nobody pulled, taken back by pulling them ourselves
     expired: int = 0  # offers past their TTL (then reclaimed)
     pulls: int = 0
+    resharded: int = 0  # pulls staged in the offer's layout, then resharded here
     abandoned_pulls: int = 0  # pull threads given up on after the timeout (still blocked)
     refused_offers: int = 0  # table full
 
@@ -357,6 +358,7 @@ class KVTransport:
                  for d, s in zip(destination, plan.stage, strict=True)]
         timeout_s = self.pull_timeout_s if timeout_s is None else timeout_s
         self.stats.pulls += 1
+        self.stats.resharded += any(plan.reshard)
 
         def go() -> list[jax.Array]:
             out = self._connect(address).pull(uid, specs)

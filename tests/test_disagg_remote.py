@@ -205,6 +205,29 @@ def test_mutual_tls_peer_with_the_kv_on_the_call(demo_ckpt, demo_model, certs,  
         peer.kill()
 
 
+def test_prefill_on_another_layout(demo_ckpt, demo_model, token_file):  # noqa: F811
+    """A tensor=2 prefill server, a one-device decode server: the offer's layout differs
+    from the destination's, so the pull is staged in the offer's layout and resharded."""
+    from tests.serving_fixtures import subprocess_env
+
+    peer = ServeProcess("--checkpoint", demo_ckpt, *PREFILL_FLAGS, "--mesh", "tensor=2",
+                        "--auth-token-file", token_file, env=subprocess_env())
+    try:
+        with running_server(demo_model) as colocated:
+            want = _run(colocated.target, CASES[:3])
+        decode = _decode(demo_model, peer.target)
+        try:
+            got = _run(decode.target, CASES[:3])
+            assert [g[0] for g in got] == [w[0] for w in want]
+            assert decode.server.role.transport.stats.resharded == 3
+            wait_idle(demo_model.slices[0].engine)
+            _peer_idle(peer.target)
+        finally:
+            decode.stop()
+    finally:
+        peer.kill()
+
+
 def test_internal_api_needs_the_token(demo_model, prefill_peer):  # noqa: F811
     with grpc.insecure_channel(prefill_peer.target) as channel:
         stub = ipb_grpc.PrefillStub(channel)
