@@ -183,6 +183,12 @@ def main(argv: list[str]) -> int:
                               balance_rel=f.routing_balance_rel,
                               load_weight=f.routing_load_weight),
     )
+    if f.role != "colocated" and f.prefill_slices:
+        raise ValueError("--role prefill/decode splits prefill and decode across servers; "
+                         "--prefill-slices splits them inside one: choose one")
+    if f.role != "colocated" and serve_multihost.active():
+        raise ValueError("--role prefill/decode runs on one process per server (no "
+                         "--coordinator group yet)")
     options.check()  # before the (slow) model load
     engine_config = EngineConfig(
         page_size=f.page_size, num_pages=f.num_pages, max_seqs=f.max_seqs,
