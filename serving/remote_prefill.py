@@ -261,6 +261,9 @@ class RemoteStream:
         except grpc.aio.AioRpcError as e:
             raise _status_failure(e.code(), e.details()) from None
         if m is grpc.aio.EOF:
+            code = await asyncio.wait_for(call.code(), timeout)
+            if code != grpc.StatusCode.OK:  # a refusal can come as the end of the stream
+                raise _status_failure(code, await call.details())
             raise PeerFailed("prefill_error", f"the peer ended the call before the {what}")
         return m
 
