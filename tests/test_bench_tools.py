@@ -109,7 +109,7 @@ def test_bench_disagg_runs_both_setups_on_the_same_engines(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "meshserve.tools.cli", "bench-disagg", "--demo",
          "--cpu-devices", "2", "--short", "3", "--short-output", "6", "--long", "1",
-         "--long-input", "100", "--long-start-ms", "20", "--max-step-tokens", "64",
+         "--long-input", "40", "--long-start-ms", "20", "--max-step-tokens", "32",
          "--max-seqs", "4", "--rounds", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -117,9 +117,9 @@ def test_bench_disagg_runs_both_setups_on_the_same_engines(tmp_path):
     colocated, pd = report["colocated"], report["disaggregated"]
     assert colocated["completed"] == pd["completed"] == 4
     assert colocated["kv_bytes_per_request"] == 0  # nothing moves when colocated
-    # every request moved its KV: 16-token prompts 1 page, the 100-token one 7 (a bucket
-    # of 8 capped at the 7 pages of max_model_len 108), each page 4 layers x 16 slots x
-    # 8 channels x 32 x 4 bytes
-    assert pd["kv_bytes_per_request"] == (3 * 1 + 7) * 4 * 16 * 8 * 32 * 4 / 4
+    # every request moved its KV: 16-token prompts 1 page, the 40-token one 3 (a bucket of
+    # 4 capped at the 3 pages of max_model_len 48), each page 4 layers x 16 slots x 8
+    # channels x 32 x 4 bytes
+    assert pd["kv_bytes_per_request"] == (3 * 1 + 3) * 4 * 16 * 8 * 32 * 4 / 4
     assert pd["kv_transfer_ms"]["mean"] > 0
     assert "ITL p99 short (ms)" in done.stdout
