@@ -8,7 +8,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from meshserve.engine.handoff import DESCRIPTION_VERSION, KVHandoff
+from meshserve.engine.kv_handoff import DESCRIPTION_VERSION, KVHandoff
 from meshserve.engine.kv_transfer import ArrayLayout
 from meshserve.engine.outputs import StreamChunk, TokenLogprob, Usage
 from meshserve.engine.sampling_params import SamplingParams
@@ -72,7 +72,7 @@ def handoff_to_pb(h: KVHandoff) -> ipb.Handoff:
 
 
 def handoff_from_pb(m: ipb.Handoff, params: SamplingParams, kv=None) -> KVHandoff:
-    """The handoff (through engine/handoff.py's own checks), with the decode server's
+    """The handoff (through engine/kv_handoff.py's own checks), with the decode server's
     sampling parameters."""
     lay = m.layout
     if lay.dtype not in DTYPES:

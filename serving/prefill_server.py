@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from meshserve.engine.engine import EngineDeadError, EngineOverloadedError
-from meshserve.engine.handoff import PREFILLED, NotParkedError
+from meshserve.engine.kv_handoff import PREFILLED, NotParkedError
 from meshserve.engine.kv_transfer import KVTransport, TransferError, array_layout
 from meshserve.engine.sampling_params import InvalidRequestError
 from meshserve.serving import logs

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.engine.engine import EngineOverloadedError
-from meshserve.engine.handoff import PREFILLED, HandoffError
+from meshserve.engine.kv_handoff import PREFILLED, HandoffError
 from meshserve.engine.kv_transfer import (
     KVTransport,
     LayoutMismatchError,
