@@ -80,7 +80,8 @@ class Generation:
         # request moved on; what the move cost; and the guard that keeps a cancelled
         # request from starting on a decode slice.
         self.prefill_slice = None
-        self.handoff: HandoffRecord | None = None
+        # (A remote prefill's stream carries its own: serving/remote_prefill.py.)
+        self.handoff: HandoffRecord | None = getattr(routed.handle, "handoff", None)
         self.stage_lock = threading.Lock()
         self.cancelled = False
 

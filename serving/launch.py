@@ -66,9 +66,11 @@ def load(ckpt_dir: str, mesh: str, num_slices: int, dtype: str,
     return LoadedModel(slices, tokenizer, info, warmup, load_seconds)
 
 
-def warm_up(model: LoadedModel) -> tuple[float, int, int]:
+def warm_up(model: LoadedModel, server_role: str = BOTH) -> tuple[float, int, int]:
     """Compile every engine's programs (when asked) and start the engines; returns
-    (seconds, programs built, of which from the persistent cache)."""
+    (seconds, programs built, of which from the persistent cache). server_role: the
+    server's cross-process P/D role (`serve --role prefill|decode`), whose handoff
+    programs every slice then needs."""
     counter, start = CompileCounter(), time.monotonic()
 
     def warm(s: Slice) -> None:
@@ -79,8 +81,9 @@ def warm_up(model: LoadedModel) -> tuple[float, int, int]:
                        built=programs, from_cache=cached)
 
         s.engine.warmup(progress=progress)
-        if s.role != BOTH:  # the KV handoff's programs, so no handoff waits for a compile
-            s.engine.warmup_handoff(export=s.role == PREFILL, imports=s.role == DECODE)
+        role = s.role if s.role != BOTH else server_role
+        if role in (PREFILL, DECODE):  # the KV handoff's programs: no handoff compiles
+            s.engine.warmup_handoff(export=role == PREFILL, imports=role == DECODE)
 
     if model.warmup:
         # Slices are independent device groups: their compiles run side by side.
@@ -99,7 +102,7 @@ def serve(model: LoadedModel, options: ServerOptions, process_start: float | Non
     begun = time.monotonic() if process_start is None else process_start
 
     def prepare() -> None:
-        seconds, programs, cached = warm_up(model)
+        seconds, programs, cached = warm_up(model, options.disagg.role)
         ready = time.monotonic() - begun
         server.record_startup(load_seconds=model.load_seconds, warmup_seconds=seconds,
                               ready_seconds=ready, programs=programs, from_cache=cached)

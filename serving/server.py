@@ -26,6 +26,7 @@ from meshserve.serving import logs
 from meshserve.serving.auth import BearerTokenInterceptor
 from meshserve.serving.compat_metrics import CompatMetrics
 from meshserve.serving.core import GenerationCore
+from meshserve.serving.disagg_roles import DisaggOptions, Role
 from meshserve.serving.metrics import ServingMetrics, TensorBoardWriter, start_prometheus
 from meshserve.serving.proto import meshserve_pb2 as pb
 from meshserve.serving.requests import ModelLimits
@@ -67,6 +68,9 @@ class ServerOptions:
     served_model_name: str | None = None  # the API's model id (default: the model's name)
     profile_dir: str | None = None  # set: on-demand jax.profiler traces are written here
     slo: dict[str, float] = dataclasses.field(default_factory=dict)  # goodput targets (ms)
+    # Prefill/decode across servers (serving/disagg_roles.py): the role, its peers, the
+    # KV transfer server's address.
+    disagg: DisaggOptions = dataclasses.field(default_factory=DisaggOptions)
 
     def check(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -83,6 +87,7 @@ class ServerOptions:
             raise ValueError("--http-port must be in [0, 65536)")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("--served-model-name must not be empty")
+        self.disagg.check()
 
 
 class MeshServeServer:
@@ -90,7 +95,9 @@ class MeshServeServer:
         options.check()
         self.options = options
         self.slices = slices
-        self.router = Router(slices, options.routing)
+        self.metrics = ServingMetrics(slices)
+        self.role = Role(options.disagg, slices, options.routing, self.metrics)
+        self.router = self.role.router or Router(slices, options.routing)
         engine = slices[0].engine
         limits = ModelLimits(
             vocab_size=engine.vocab_size,
@@ -100,7 +107,7 @@ class MeshServeServer:
             default_max_tokens=options.default_max_tokens,
             min_priority=options.min_priority,
         )
-        self.metrics = ServingMetrics(slices)
+        self.limits = limits
         self.model_name = options.served_model_name or model.name
         self.compat = CompatMetrics(self.metrics.registry, slices, self.model_name, options.slo)
         self.compat.observe_steps(slices)
@@ -154,12 +161,15 @@ class MeshServeServer:
                        message=m.message, frontend="grpc")
 
         add_service(self.server, self.service, pb, "MeshServe", malformed)
+        # The internal Prefill call streams both ways: its generated registration.
+        internal = self.role.add_services(self.server, self.slices, self.core.tokenizer,
+                                          self.limits)
         self.health = health_aio.HealthServicer()
         add_service(self.server, self.health, health_pb2, "Health", malformed)
         await self.health.set("", SERVING)
         await self.health.set(SERVICE_NAME, NOT_SERVING)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (SERVICE_NAME, *internal, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             self.server,
         )
@@ -192,7 +202,8 @@ class MeshServeServer:
                    mtls=o.tls_client_ca is not None, auth=o.auth_token is not None,
                    slices=len(self.slices), layouts=[s.layout for s in self.slices],
                    metrics_port=o.metrics_port, http_host=o.http_host if self.http else None,
-                   http_port=self.http_port, model_name=self.model_name)
+                   http_port=self.http_port, model_name=self.model_name,
+                   **self.role.describe())
         self._monitor = asyncio.create_task(self._watch_health())
         return self.port
 
@@ -233,6 +244,7 @@ class MeshServeServer:
         """Refuse new Generate calls (UNAVAILABLE) and report readiness NOT_SERVING;
         running streams carry on."""
         self.core.draining = True
+        self.role.drain()
         await self._readiness()
 
     async def stop(self, grace: float | None = None, shutdown_engines: bool = True) -> None:
@@ -248,7 +260,8 @@ class MeshServeServer:
         inflight = self.core.inflight
         logs.event("draining", inflight=len(inflight), grace_period_s=grace)
         deadline = loop.time() + grace
-        while inflight and loop.time() < deadline and not self._skip_grace.is_set():
+        while ((inflight or self.role.busy) and loop.time() < deadline
+               and not self._skip_grace.is_set()):
             await asyncio.sleep(0.05)
         left = list(inflight.values())
         for stream in left:
@@ -265,6 +278,7 @@ class MeshServeServer:
             await asyncio.to_thread(self.profiler.stop)
         if self._monitor is not None:
             self._monitor.cancel()
+        await self.role.close()
         if shutdown_engines:
             await asyncio.gather(*(asyncio.to_thread(s.engine.shutdown, timeout=10.0)
                                    for s in self.slices))

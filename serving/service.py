@@ -65,7 +65,7 @@ class MeshServeService(pb_grpc.MeshServeServicer):
                     response.slice = generation.slice.index  # where it ran (after failover)
                     if generation.prefill_slice is not None:
                         response.prefill_slice = generation.prefill_slice.index
-                        generation.fill_timings(response.timings)
+                    generation.fill_timings(response.timings)
                     yield response
                     return
                 if chunk.token_ids or chunk.text:

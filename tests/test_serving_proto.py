@@ -11,12 +11,13 @@ import pytest
 
 from tests.serving_fixtures import REPO
 
-STUBS = ("meshserve_pb2.py", "meshserve_pb2.pyi", "meshserve_pb2_grpc.py")
+STUBS = tuple(f"{name}_pb2{ext}" for name in ("meshserve", "internal")
+              for ext in (".py", ".pyi", "_grpc.py"))
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
-    for name in ("meshserve.proto", "generate.sh"):  # the script writes beside itself
+    for name in ("meshserve.proto", "internal.proto", "generate.sh"):  # written beside it
         shutil.copy(os.path.join(REPO, "serving", "proto", name), tmp_path / name)
     subprocess.run(["bash", str(tmp_path / "generate.sh")], check=True, capture_output=True)
     for name in STUBS:

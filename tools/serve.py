@@ -97,6 +97,34 @@ def define_flags() -> None:
     d.DEFINE_string("tensorboard_dir", None, "Write serving scalars as TensorBoard events.")
     d.DEFINE_float("tensorboard_interval", 10.0, "Seconds between TensorBoard writes.",
                    lower_bound=0.1)
+    # Prefill/decode across servers (docs/deployment.md, "Prefill/decode across servers").
+    d.DEFINE_enum("role", "colocated", ["colocated", "prefill", "decode"], "colocated: "
+                  "prefill and decode here; prefill: also serve the internal Prefill API "
+                  "for decode servers; decode: prefill on --prefill-peers, decode here.")
+    d.DEFINE_list("prefill_peers", [], "--role decode: prefill servers' gRPC HOST:PORT "
+                  "(they get this server's --auth-token-file token; TLS with --peer-tls-ca).")
+    d.DEFINE_string("kv_transfer_address", "127.0.0.1:0", "--role prefill/decode: address "
+                    "of this server's KV transfer server (jax.experimental.transfer).")
+    d.DEFINE_bool("kv_transfer_insecure", False, "Allow a non-loopback "
+                  "--kv-transfer-address: that transport is neither authenticated nor "
+                  "encrypted, so only on a trusted, isolated fabric.")
+    d.DEFINE_float("kv_offer_ttl", 30.0, "--role prefill: seconds an offered request's KV "
+                   "waits to be pulled before its pages are reclaimed.", lower_bound=0.1)
+    d.DEFINE_float("kv_transfer_timeout", 10.0, "--role decode: seconds for the KV offer "
+                   "to come and for the pull itself.", lower_bound=0.1)
+    d.DEFINE_float("prefill_timeout", 30.0, "--role decode: seconds from sending a request "
+                   "to a prefill peer to its first token (then the next peer is tried).",
+                   lower_bound=0.1)
+    d.DEFINE_enum("kv_transport", "jax", ["jax", "grpc"], "--role decode: how KV pages "
+                  "come from the prefill peers: jax (jax.experimental.transfer; fast, not "
+                  "encrypted) or grpc (chunks on the internal call, under its TLS).")
+    d.DEFINE_bool("peer_tls", False, "--role decode: TLS to the prefill peers (system roots "
+                  "unless --peer-tls-ca).")
+    d.DEFINE_string("peer_tls_ca", None, "CA (PEM) the prefill peers' certificates chain to "
+                    "(implies --peer-tls).")
+    d.DEFINE_string("peer_tls_cert", None, "Client certificate (PEM) for prefill peers that "
+                    "require mutual TLS.")
+    d.DEFINE_string("peer_tls_key", None, "Its private key (PEM).")
     d.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
                   "Serving log level (JSON lines on stderr).")
 
@@ -115,6 +143,9 @@ def main(argv: list[str]) -> int:
     from meshserve.serving import launch, logs
     from meshserve.serving.auth import read_token_file
     from meshserve.serving.compat_metrics import parse_slo
+    from meshserve.serving.disagg_roles import DisaggOptions
+    from meshserve.serving.prefill_server import PrefillOptions
+    from meshserve.serving.remote_prefill import DecodeOptions
     from meshserve.serving.routing import RoutingConfig
     from meshserve.serving.server import ServerOptions
 
@@ -123,10 +154,23 @@ def main(argv: list[str]) -> int:
     from meshserve.tools.bench_mesh_report import apply_layout_from
 
     apply_layout_from(f)
+    token = read_token_file(f.auth_token_file) if f.auth_token_file else None
+    decode = None
+    if f.role == "decode" or f.prefill_peers:
+        decode = DecodeOptions(
+            prefill_peers=tuple(f.prefill_peers), prefill_timeout_s=f.prefill_timeout,
+            transfer_timeout_s=f.kv_transfer_timeout, peer_auth_token=token,
+            peer_tls=f.peer_tls or f.peer_tls_ca is not None, peer_tls_ca=_read(f.peer_tls_ca),
+            peer_tls_cert=_read(f.peer_tls_cert), peer_tls_key=_read(f.peer_tls_key),
+            kv_transport=f.kv_transport)
+    disagg = DisaggOptions(
+        role=f.role, kv_transfer_address=f.kv_transfer_address,
+        kv_transfer_insecure=f.kv_transfer_insecure,
+        prefill=PrefillOptions(offer_ttl_s=f.kv_offer_ttl), decode=decode)
     options = ServerOptions(
         host=f.host, port=f.port, max_request_bytes=f.max_request_bytes,
         grace_period=f.grace_period,
-        auth_token=read_token_file(f.auth_token_file) if f.auth_token_file else None,
+        auth_token=token, disagg=disagg,
         tls_cert=_read(f.tls_cert), tls_key=_read(f.tls_key),
         tls_client_ca=_read(f.tls_client_ca), metrics_port=f.metrics_port,
         metrics_host=f.metrics_host, http_port=f.http_port, http_host=f.http_host,
@@ -139,6 +183,12 @@ def main(argv: list[str]) -> int:
                               balance_rel=f.routing_balance_rel,
                               load_weight=f.routing_load_weight),
     )
+    if f.role != "colocated" and f.prefill_slices:
+        raise ValueError("--role prefill/decode splits prefill and decode across servers; "
+                         "--prefill-slices splits them inside one: choose one")
+    if f.role != "colocated" and serve_multihost.active():
+        raise ValueError("--role prefill/decode runs on one process per server (no "
+                         "--coordinator group yet)")
     options.check()  # before the (slow) model load
     engine_config = EngineConfig(
         page_size=f.page_size, num_pages=f.num_pages, max_seqs=f.max_seqs,
@@ -151,6 +201,8 @@ def main(argv: list[str]) -> int:
         # watches the group's steps itself (the same flags, engine/multihost.py).
         step_timeout=None if serve_multihost.active() else f.step_timeout,
         compile_timeout=f.compile_timeout,
+        # A parked prefill outlives its offer's TTL: the offer is what frees it.
+        park_timeout_s=f.kv_offer_ttl + 10.0,
     )
     dtype = f.dtype or default_compute_dtype()
     if serve_multihost.active():
