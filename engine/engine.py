@@ -298,8 +298,11 @@ class Engine(DisaggregationMixin):
             aborts, self._aborts = self._aborts, []
             for seq in new:  # under the lock: admission limits never miss these
                 self.scheduler.add(seq)
-            for entry in map(self._live.get, aborts):
-                if entry and entry[0].status is not Status.FINISHED:
+            for request_id in aborts:
+                entry = self._live.get(request_id)
+                if entry is None:  # parked since the abort came: free its pages
+                    self._handoff.release(request_id)
+                elif entry[0].status is not Status.FINISHED:
                     self.scheduler.finish(entry[0], "abort")
                     self._emit(entry[0], entry[1])
             self._publish()
