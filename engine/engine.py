@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meshserve.engine.admission import check_prompt
 from meshserve.engine.batching import build_inputs
 from meshserve.engine.config import EngineConfig
 from meshserve.engine.detokenizer import IncrementalDetokenizer
@@ -38,6 +39,7 @@ from meshserve.engine.scheduler import Scheduler, StepPlan
 from meshserve.engine.sequence import Sequence, Status
 from meshserve.engine.snapshot import engine_stats, take_snapshot
 from meshserve.engine.step import StepFunctions, StepInputs, StepOutputs
+from meshserve.engine.warmup import WarmupMixin
 from meshserve.engine.watchdog import StepWatchdog
 from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel
@@ -56,7 +58,7 @@ class EngineDeadError(RuntimeError):
     """The engine stopped or failed and accepts no requests."""
 
 
-class Engine(DisaggregationMixin):
+class Engine(DisaggregationMixin, WarmupMixin):
     def __init__(
         self,
         model: ShardedModel,
@@ -169,26 +171,8 @@ class Engine(DisaggregationMixin):
 
     def check_prompt(self, prompt_ids: Seq[int], params: SamplingParams) -> list[int]:
         """The prompt as ints, or InvalidRequestError (ids, lengths, pages)."""
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-        total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the maximum model length {self.max_model_len}"
-            )
-        if self.scheduler.pages_for(total) > self.num_pages:
-            raise InvalidRequestError(
-                f"the request needs {self.scheduler.pages_for(total)} KV pages; "
-                f"the cache has {self.num_pages}"
-            )
-        return prompt
+        return check_prompt(prompt_ids, params, self.vocab_size, self.max_model_len,
+                            self.scheduler.pages_for, self.num_pages)
 
     def _submit(self, seq: Sequence) -> RequestHandle:
         request_id, prompt = seq.request_id, seq.prompt_ids
@@ -414,32 +398,6 @@ class Engine(DisaggregationMixin):
             return jax.device_put(x, rules.sharding(axes, x.shape))
 
         return jax.tree.map(place, inputs)
-
-    def warmup(self, progress: Callable[[int, int, float], None] | None = None) -> int:
-        """Compile every program a step can run (`EngineConfig.programs`) now, so that no
-        batch composition compiles later; returns the compile count."""
-        programs = self.config.programs()
-        start = time.monotonic()
-        for i, (decode, t, s) in enumerate(programs, 1):
-            self._run_empty(t, s, decode)
-            if progress is not None:
-                progress(i, len(programs), time.monotonic() - start)
-        self._compiles_at_warmup = self.compiles
-        return self.compiles
-
-    def precompile(self, decode: bool, seqs: int, tokens: int | None = None) -> None:
-        """Compile the program for the buckets holding `seqs` sequences / `tokens` tokens."""
-        self._run_empty(*self.config.buckets(decode, seqs, tokens), decode)
-
-    def _run_empty(self, tokens: int, seqs: int, decode: bool) -> None:
-        plan = StepPlan(decode=decode, shards=[[] for _ in range(self.data_shards)])
-        # Compiles are not steps: keep them out of the step-time histograms.
-        observer, self.step_observer = self.step_observer, None
-        try:
-            self.execute(build_inputs(plan, self.config, self.pages_per_seq, 0, tokens, seqs),
-                         decode)
-        finally:
-            self.step_observer = observer
 
     # -- results -----------------------------------------------------------------------
     def _apply(self, plan: StepPlan, out) -> None:
