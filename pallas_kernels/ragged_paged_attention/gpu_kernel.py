@@ -1,15 +1,23 @@
 """Ragged paged attention as a Pallas GPU kernel (Triton lowering).
 
 The K/V cache write is a separate jitted scatter (``reference.write_kv_pages``) that runs
-before the kernel; the kernel only reads pages.
+before the kernel; the kernel only reads pages. Fusing it is not done: Triton has no
+grid-wide barrier, and the programs that read a page holding the step's new tokens (every
+query block of a prefill, the last KV split of a decode) are not the ones that would write
+it, so the write would race with those reads. The scatter moves T x 2 x Hkv x D elements,
+at decode ~1/context of the bytes the kernel reads.
 
-Grid: (pairs, kv heads). A pair is one sequence intersected with one block of ``block_q``
-consecutive tokens (``reference.build_work_list``), so decode batches get one program per
-sequence and kv head, and long prefills are split into query blocks that run in parallel.
-Each program keeps the online-softmax state of its ``block_q * group`` query rows in
-registers, walks the pair's pages in blocks of ``num_kv_pages_per_block`` (page ids gathered
-from the page table, pages gathered from the cache), and stores only its own rows with a
-masked store. Padding rows are never stored by any program and are zeroed afterwards.
+Grid: (pairs, kv heads, kv splits). A pair is one sequence intersected with one block of
+``block_q`` consecutive tokens (``reference.build_work_list``), so decode batches get one
+pair per sequence and long prefills are split into query blocks that run in parallel. A
+program's query tile is the ``block_q * group`` rows of its block and kv head (token-major,
+the group's heads minor, zero rows up to ``tile_rows`` >= 16 for tl.dot); it keeps their
+online-softmax state in registers, walks its split of the pair's pages in blocks of
+``pages_per_block`` (page ids gathered from the page table, pages gathered from the cache),
+and stores only its own rows with a masked store. Padding rows are never stored by any
+program and are zeroed afterwards. With several KV splits (decode, see
+``gpu_block_sizes``) each split stores an f32 partial and its log-sum-exp, merged exactly
+in XLA after the kernel.
 
 Only pages inside each pair's causal / sliding-window range are read; page-table slots past
 the range are replaced by the pair's first page (which its sequence owns) and masked.
@@ -29,39 +37,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meshserve.pallas_kernels.ragged_paged_attention import reference, validation
+from meshserve.pallas_kernels.ragged_paged_attention.gpu_block_sizes import choose_gpu_blocks
 
 MASK_VALUE = reference.MASK_VALUE
 
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
-
-
-def choose_gpu_block_sizes(
-    *,
-    num_tokens: int,
-    max_seqs: int,
-    group: int,
-    page_size: int,
-    pages_per_seq: int,
-    num_queries_per_block: int | None,
-    num_kv_pages_per_block: int | None,
-) -> tuple[int, int]:
-    """(queries per block, kv pages per block).
-
-    tl.dot needs M >= 16, so a block has at least 16 query rows; decode-shaped buckets stop
-    there (one token of a block is useful), prefill-heavy ones use 64 rows.
-    """
-    if num_queries_per_block is None:
-        rows = 16 if num_tokens <= max_seqs else 64
-        num_queries_per_block = max(1, rows // group)
-    if num_kv_pages_per_block is None:
-        num_kv_pages_per_block = _pow2_floor(min(pages_per_seq, max(1, 64 // page_size)))
-    return num_queries_per_block, num_kv_pages_per_block
 
 
 def _check_triton_shapes(rows: int, keys: int, pages: int, page_size: int, head_dim: int):
@@ -91,14 +73,17 @@ def _check_triton_shapes(rows: int, keys: int, pages: int, page_size: int, head_
         )
 
 
-def _kernel(*refs, split: bool, **options):
-    """Unpacks the refs; `split` (a page mask given): the local page lists ride after the
-    page table and the log-sum-exp is a second output."""
-    if split:
-        *meta, cols_ref, before_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+def _kernel(*refs, local: bool, partial: bool, **options):
+    """Unpacks the refs; `local` (a page mask given): the local page lists ride after the
+    page table; `partial` (a page mask or several KV splits): the log-sum-exp is a second
+    output."""
+    lse_ref = cols_ref = before_ref = None
+    if partial:
+        *refs, lse_ref = refs
+    if local:
+        *meta, cols_ref, before_ref, q_ref, k_ref, v_ref, o_ref = refs
     else:
         *meta, q_ref, k_ref, v_ref, o_ref = refs
-        cols_ref = before_ref = lse_ref = None
     _attend(*meta, q_ref, k_ref, v_ref, o_ref, cols_ref, before_ref, lse_ref, **options)
 
 
@@ -108,29 +93,32 @@ def _attend(
     kv_lens_ref,  # [S]
     cu_q_lens_ref,  # [S + 1]
     page_indices_ref,  # [S, P] page table, or with a mask the owned pages (LocalPages.pages)
-    q_ref,  # [T_pad * G, D] rows of this kv head
+    q_ref,  # [NB * R, D] query tiles of this kv head (R = tile_rows)
     k_ref,  # [N, page_size, D] K channel of this kv head
     v_ref,  # [N, page_size, D] V channel of this kv head
-    o_ref,  # [T_pad * G, D]
+    o_ref,  # [NB * R, D] this kv split's output
     cols_ref,  # None, or [S, P] page-table column of each owned page (LocalPages.cols)
     before_ref,  # None, or [S, P + 1] owned pages before each column (LocalPages.before)
-    lse_ref,  # None, or [T_pad * G] log-sum-exp of each row
+    lse_ref,  # None, or [NB * R] log-sum-exp of each row over this split's keys
     *,
     block_q: int,
     group: int,
+    tile_rows: int,
     pages_per_block: int,
+    kv_splits: int,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
 ):
     pid = pl.program_id(0)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
-    rows = block_q * group
+    rows = tile_rows
     keys = pages_per_block * page_size
     seq = pair_seq_ref[pid]
     valid = seq >= 0
     seq = jnp.maximum(seq, 0)
-    first_tok = pair_blk_ref[pid] * block_q
+    blk = pair_blk_ref[pid]
+    first_tok = blk * block_q
     q_start = cu_q_lens_ref[seq]
     q_end = cu_q_lens_ref[seq + 1]
     kv_len = kv_lens_ref[seq]
@@ -157,10 +145,12 @@ def _attend(
     first_page = page_indices_ref[seq, page_lo if cols_ref is None else
                                   jnp.minimum(list_lo, last_col)]
 
-    row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), group)
-    row_ok = valid & (row_tok >= row_lo) & (row_tok < row_hi)
+    row = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    row_tok = lax.div(row, group)
+    # Rows past block_q * group are the zero rows that fill a tile up to tl.dot's minimum.
+    row_ok = valid & (row < block_q * group) & (row_tok >= row_lo) & (row_tok < row_hi)
     qpos = qpos_base + row_tok
-    q = q_ref[pl.ds(pl.multiple_of(first_tok * group, rows), rows), :]
+    q = q_ref[pl.ds(pl.multiple_of(blk * rows, rows), rows), :]
 
     def body(j, carry):
         m, denom, acc = carry
@@ -207,15 +197,52 @@ def _attend(
     m0 = jnp.full((rows,), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((rows,), jnp.float32)
     acc0 = jnp.zeros((rows, head_dim), jnp.float32)
-    m, denom, acc = lax.fori_loop(0, num_kv_blocks, body, (m0, l0, acc0))
+    blk_lo, blk_hi = 0, num_kv_blocks
+    if kv_splits > 1:
+        # Split s walks kv blocks [s * chunk, (s + 1) * chunk) of this pair; the last splits
+        # of a short sequence are empty and store out 0, lse MASK_VALUE.
+        chunk = lax.div(num_kv_blocks + kv_splits - 1, kv_splits)
+        blk_lo = jnp.minimum(pl.program_id(2) * chunk, num_kv_blocks)
+        blk_hi = jnp.minimum(blk_lo + chunk, num_kv_blocks)
+    m, denom, acc = lax.fori_loop(blk_lo, blk_hi, body, (m0, l0, acc0))
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[:, None]
-    plt.store(
-        o_ref.at[pl.ds(first_tok * group, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None]
-    )
+    tile = pl.ds(pl.multiple_of(blk * rows, rows), rows)
+    plt.store(o_ref.at[tile, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
     if lse_ref is not None:
         # No key seen (no owned page in range): MASK_VALUE, which merge_partials weighs 0.
         lse = jnp.where(denom > 0.0, m + jnp.log(jnp.where(denom > 0.0, denom, 1.0)), MASK_VALUE)
-        plt.store(lse_ref.at[pl.ds(first_tok * group, rows)], lse, mask=row_ok)
+        plt.store(lse_ref.at[tile], lse, mask=row_ok)
+
+
+def _tile_queries(q: jax.Array, num_kv_heads: int, blocks: int, block_q: int,
+                  tile_rows: int) -> jax.Array:
+    """[T, Hq, D] -> [Hkv, blocks * tile_rows, D]: tile b holds tokens [b * block_q, ...)
+    x the group's heads (token-major), then zero rows up to tile_rows."""
+    q = reference.group_queries_by_kv_head(q, num_kv_heads, blocks * block_q)
+    hkv, _, d = q.shape
+    q = q.reshape(hkv, blocks, -1, d)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, tile_rows - q.shape[2]), (0, 0)))
+    return q.reshape(hkv, blocks * tile_rows, d)
+
+
+def _untile(x: jax.Array, num_tokens: int, group: int, block_q: int, tile_rows: int):
+    """[..., Hkv, blocks * tile_rows, D] -> [..., T, Hq, D], the inverse of _tile_queries."""
+    *lead, hkv, rows, d = x.shape
+    x = x.reshape(*lead, hkv, rows // tile_rows, tile_rows, d)[..., : block_q * group, :]
+    x = x.reshape(*lead, hkv, -1, group, d)
+    x = jnp.moveaxis(x, -4, -3)  # [..., tokens, Hkv, G, D]
+    return x.reshape(*lead, x.shape[-4], hkv * group, d)[..., :num_tokens, :, :]
+
+
+def _merge_splits(outs: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact merge of per-split partials ([K, T, Hq, D] f32, [K, T, Hq]): softmax weights
+    exp(lse_k - max) (``reference.merge_partials``) and the merged log-sum-exp, MASK_VALUE
+    where no split saw a key."""
+    top = jnp.maximum(lses.max(axis=0), MASK_VALUE)
+    total = jnp.exp(lses - top).sum(axis=0)
+    lse = jnp.where(top > MASK_VALUE, top + jnp.log(jnp.where(total > 0.0, total, 1.0)),
+                    MASK_VALUE)
+    return reference.merge_partials(outs, lses), lse
 
 
 @functools.partial(
@@ -226,6 +253,7 @@ def _attend(
         "soft_cap",
         "num_queries_per_block",
         "num_kv_pages_per_block",
+        "num_kv_splits",
         "num_warps",
         "num_stages",
         "interpret",
@@ -247,6 +275,7 @@ def ragged_paged_attention_gpu(
     soft_cap: float | None = None,
     num_queries_per_block: int | None = None,
     num_kv_pages_per_block: int | None = None,
+    num_kv_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -255,6 +284,7 @@ def ragged_paged_attention_gpu(
 ) -> tuple[jax.Array, ...]:
     """GPU ragged paged attention; contract of ``dispatch.ragged_paged_attention``.
 
+    Block sizes and the number of KV splits default to ``gpu_block_sizes.choose_gpu_blocks``.
     With ``page_mask`` the kernel walks each sequence's owned pages as a compacted list
     (``reference.local_page_lists``), so unowned pages are never read."""
     args = (q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
@@ -268,79 +298,91 @@ def ragged_paged_attention_gpu(
     max_seqs, pages_per_seq = page_indices.shape
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
-    bq, bp = choose_gpu_block_sizes(
+    bq, rows, bp, splits = choose_gpu_blocks(
         num_tokens=num_tokens,
         max_seqs=max_seqs,
+        num_kv_heads=num_kv_heads,
         group=group,
         page_size=page_size,
         pages_per_seq=pages_per_seq,
         num_queries_per_block=num_queries_per_block,
         num_kv_pages_per_block=num_kv_pages_per_block,
+        num_kv_splits=num_kv_splits,
     )
-    rows = bq * group
     if not interpret:
         _check_triton_shapes(rows, bp * page_size, bp, page_size, head_dim)
 
-    split = page_mask is not None
+    local = page_mask is not None
+    partial = local or splits > 1  # f32 partials with their log-sum-exp
     num_pages = kv_pages.shape[0]
     # Unowned pages get an out-of-range id: their tokens' writes are dropped.
-    write_table = jnp.where(page_mask, page_indices, num_pages) if split else page_indices
+    write_table = jnp.where(page_mask, page_indices, num_pages) if local else page_indices
     kv_pages = reference.write_kv_pages(k, v, kv_pages, kv_lens, write_table, cu_q_lens, num_seqs)
     work = reference.build_work_list(kv_lens, cu_q_lens, num_seqs, num_tokens, bq)
     num_pairs = work.pair_seq.shape[0]
     num_blocks = work.blk_start.shape[0] - 1
-    padded = num_blocks * bq
-    q_heads = reference.group_queries_by_kv_head(q, num_kv_heads, padded)
+    q_tiles = _tile_queries(q, num_kv_heads, num_blocks, bq, rows)
 
     def whole(x):
-        return pl.BlockSpec(x.shape, lambda p, h, nd=x.ndim: (0,) * nd)
+        return pl.BlockSpec(x.shape, lambda p, h, s, nd=x.ndim: (0,) * nd)
 
-    if split:
-        local = reference.local_page_lists(page_mask, page_indices)
-        metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, local.pages, local.cols,
-                    local.before)
+    if local:
+        lists = reference.local_page_lists(page_mask, page_indices)
+        metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, lists.pages, lists.cols,
+                    lists.before)
     else:
         metadata = (work.pair_seq, work.pair_blk, kv_lens, cu_q_lens, page_indices)
-    head_rows = pl.BlockSpec((None, padded * group, head_dim), lambda p, h: (h, 0, 0))
-    out_specs, out_shape = head_rows, jax.ShapeDtypeStruct(q_heads.shape, q.dtype)
-    if split:  # f32 partials: the merge's accuracy should not depend on q's dtype
-        out_specs = [head_rows, pl.BlockSpec((None, padded * group), lambda p, h: (h, 0))]
-        out_shape = [jax.ShapeDtypeStruct(q_heads.shape, jnp.float32),
-                     jax.ShapeDtypeStruct(q_heads.shape[:2], jnp.float32)]
+    tiled = (num_blocks * rows, head_dim)
+    out_specs = pl.BlockSpec((None, None, *tiled), lambda p, h, s: (s, h, 0, 0))
+    out_shape = jax.ShapeDtypeStruct((splits, num_kv_heads, *tiled),
+                                     jnp.float32 if partial else q.dtype)
+    if partial:  # f32 partials: the merge's accuracy should not depend on q's dtype
+        out_specs = [out_specs, pl.BlockSpec((None, None, tiled[0]), lambda p, h, s: (s, h, 0))]
+        out_shape = [out_shape, jax.ShapeDtypeStruct(out_shape.shape[:3], jnp.float32)]
     kernel = functools.partial(
         _kernel,
-        split=split,
+        local=local,
+        partial=partial,
         block_q=bq,
         group=group,
+        tile_rows=rows,
         pages_per_block=bp,
+        kv_splits=splits,
         sm_scale=float(sm_scale),
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
     out = pl.pallas_call(
         kernel,
-        grid=(num_pairs, num_kv_heads),
+        grid=(num_pairs, num_kv_heads, splits),
         in_specs=[
             *(whole(x) for x in metadata),
-            head_rows,
+            pl.BlockSpec((None, *tiled), lambda p, h, s: (h, 0, 0)),
             # Same cache twice: K lives in channel 2h, V in channel 2h + 1.
-            pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h, 0)),
-            pl.BlockSpec((num_pages, page_size, None, head_dim), lambda p, h: (0, 0, 2 * h + 1, 0)),
+            pl.BlockSpec((num_pages, page_size, None, head_dim),
+                         lambda p, h, s: (0, 0, 2 * h, 0)),
+            pl.BlockSpec((num_pages, page_size, None, head_dim),
+                         lambda p, h, s: (0, 0, 2 * h + 1, 0)),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="meshserve_ragged_paged_attention_gpu",
-    )(*metadata, q_heads, kv_pages, kv_pages)
-    meta = reference.token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens)
-    if split:
+    )(*metadata, q_tiles, kv_pages, kv_pages)
+    valid = reference.token_metadata(kv_lens, cu_q_lens, num_seqs, num_tokens).valid
+    lse = None
+    if partial:
         out, lse = out
-        lse = reference.ungroup_queries(lse[..., None], num_tokens, num_q_heads)[..., 0]
-        lse = jnp.where(meta.valid[:, None], lse, MASK_VALUE)
-    out = reference.ungroup_queries(out, num_tokens, num_q_heads)
-    # No program stores padding rows; their memory is uninitialised.
-    out = jnp.where(meta.valid[:, None, None], out, jnp.zeros_like(out))
-    if split:
+        lse = _untile(lse[..., None], num_tokens, group, bq, rows)[..., 0]
+        # No program stores padding rows; their memory is uninitialised.
+        lse = jnp.where(valid[:, None], lse, MASK_VALUE)
+    out = _untile(out, num_tokens, group, bq, rows)
+    out = jnp.where(valid[:, None, None], out, jnp.zeros_like(out))
+    if splits > 1:
+        out, lse = _merge_splits(out, lse)
+    else:
+        out, lse = out[0], None if lse is None else lse[0]
+    if local:
         return out, lse, kv_pages
-    return out, kv_pages
+    return out.astype(q.dtype), kv_pages
