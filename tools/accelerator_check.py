@@ -10,7 +10,8 @@
    the reference's, and the merged parts against the whole attention.
 2. Decode attention bandwidth: KV bytes the step must read ÷ its time, as a fraction of
    the device's HBM peak (a table of published figures) and of a device-to-device copy
-   measured in the same run, at batch 8/64 × context 1k/8k.
+   measured in the same run, at batch 8/64 × context 1k/8k. On the GPU kernel: the KV
+   splits its rule picks (gpu_block_sizes) and its speed over the same step with one split.
 3. The engine end to end in bfloat16 on a random 125M-class Llama: greedy tokens against
    transformers' (float32, same weights) — how many agree before the first difference,
    and the largest logit error of the prompt's last position.
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from meshserve.pallas_kernels.ragged_paged_attention.gpu_block_sizes import choose_gpu_blocks
 from meshserve.pallas_kernels.ragged_paged_attention.reference import merge_partials
 from meshserve.pallas_kernels.ragged_paged_attention.validation import random_ragged_batch
 from meshserve.tools import reports
@@ -178,7 +180,35 @@ def split_parity(impl: str, sizes: Sizes, smoke: bool, dtype, tolerance: float) 
     return row
 
 
+def gpu_kv_splits(impl: str, batch) -> int | None:
+    """KV splits the GPU kernel's rule picks for this decode batch (None for other kernels)."""
+    if impl not in ("gpu", "gpu-interpret"):
+        return None
+    table, pages = batch.args()[5], batch.kv_pages
+    kv_heads = pages.shape[2] // 2
+    return choose_gpu_blocks(num_tokens=batch.q.shape[0], max_seqs=table.shape[0],
+                             num_kv_heads=kv_heads, group=batch.q.shape[1] // kv_heads,
+                             page_size=pages.shape[1], pages_per_seq=table.shape[1]).kv_splits
+
+
+def _median_step_seconds(impl: str, batch, gpu_options: dict | None = None) -> float:
+    step = jax.jit(lambda *a: ragged_paged_attention(*a, impl=impl, gpu_options=gpu_options),
+                   donate_argnums=(3,))
+    args = list(batch.args())
+    args[3] = jnp.copy(args[3])  # the step donates it; the batch's own pages stay usable
+    out, args[3] = step(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        out, args[3] = step(*args)
+        jax.block_until_ready((out, args[3]))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def decode_bandwidth(impl: str, sizes: Sizes, peak: float | None, copy_bw: float) -> list[dict]:
+    """On the GPU kernel also the same step without split-KV (one split), as a ratio."""
     rows = []
     heads = sizes.parity
     for context in sizes.contexts:
@@ -186,25 +216,24 @@ def decode_bandwidth(impl: str, sizes: Sizes, peak: float | None, copy_bw: float
             seqs = [(1, context)] * batch_size
             batch = random_ragged_batch(seqs, **heads, page_size=16, dtype=jnp.bfloat16,
                                         nan_fill=False, extra_pages=0, seed=1)
-            step = jax.jit(lambda *a: ragged_paged_attention(*a, impl=impl), donate_argnums=(3,))
-            args = list(batch.args())
-            out, args[3] = step(*args)
-            jax.block_until_ready(out)
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                out, args[3] = step(*args)
-                jax.block_until_ready((out, args[3]))
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
+            seconds = _median_step_seconds(impl, batch)
+            splits = gpu_kv_splits(impl, batch)
+            unsplit = None
+            if splits is not None and splits > 1:
+                unsplit = _median_step_seconds(impl, batch, {"num_kv_splits": 1})
             kv_bytes = batch_size * context * 2 * heads["num_kv_heads"] * heads["head_dim"] * 2
             achieved = kv_bytes / seconds
             rows.append({"batch": batch_size, "context": context, "median_ms": seconds * 1e3,
                          "kv_bytes": kv_bytes, "bytes_per_s": achieved,
                          "of_peak": None if peak is None else achieved / peak,
-                         "of_copy": achieved / copy_bw})
+                         "of_copy": achieved / copy_bw, "kv_splits": splits,
+                         "unsplit_over_split": None if unsplit is None else unsplit / seconds})
             print(f"  decode b{batch_size} ctx{context}: {seconds * 1e3:.3f} ms, "
-                  f"{achieved / 1e9:.0f} GB/s", flush=True)
+                  f"{achieved / 1e9:.0f} GB/s"
+                  + ("" if splits is None else f", {splits} kv splits")
+                  + ("" if unsplit is None
+                     else f" ({unsplit / seconds:.2f}x the speed of 1 split)"),
+                  flush=True)
     return rows
 
 
@@ -295,7 +324,10 @@ def print_table(report: dict) -> None:
         peak = "n/a" if r["of_peak"] is None else f"{r['of_peak']:.0%}"
         print(f"| decode attention b{r['batch']} ctx{r['context']} | {r['median_ms']:.3f} ms, "
               f"{r['bytes_per_s'] / 1e9:.0f} GB/s = {peak} of HBM peak, "
-              f"{r['of_copy']:.0%} of a copy |")
+              f"{r['of_copy']:.0%} of a copy"
+              + ("" if r.get("kv_splits") is None else f", {r['kv_splits']} kv splits")
+              + ("" if r.get("unsplit_over_split") is None
+                 else f" ({r['unsplit_over_split']:.2f}x the speed of 1 split)") + " |")
     e = report["engine"]
     print(f"| engine {e['dtype']} vs transformers f32 | {e['agree']}/{e['tokens']} greedy tokens "
           f"agree; last logits max error {e['last_logit_max_abs_error']:.3f} "

@@ -120,7 +120,8 @@ def ragged_paged_attention(
         the TPU kernel), which works on CPU.
       debug: validate the runtime metadata on the host (default from
         $MESHSERVE_ATTENTION_DEBUG); costs a device->host sync.
-      tpu_options / gpu_options: block-size overrides forwarded to the chosen kernel.
+      tpu_options / gpu_options: block-size overrides forwarded to the chosen kernel
+        (the GPU kernel's also ``num_kv_splits``, see ``gpu_block_sizes``).
       page_mask: bool[max_seqs, pages_per_seq], only with return_lse: the pages this device
         holds (context parallelism). Tokens on other pages write nothing, and only keys on
         held pages are attended; other entries of page_indices are never read.
