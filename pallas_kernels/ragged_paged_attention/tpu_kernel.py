@@ -49,6 +49,41 @@ MASK_VALUE = reference.MASK_VALUE
 _LANES = tpu_block_sizes.LANES
 
 
+def _load_kv(kv_buf, slot, h: int, keys: int, *, mosaic: bool):
+    """K and V ([keys, D] each) of block head h from the interleaved [keys, chans, D] buffer.
+
+    The buffer is viewed as [keys * chans, D], so head h's K rows are rows 2h, 2h + chans, ...:
+    a sublane-strided load, never an integer index on the sublane dim (which Mosaic turns into
+    a relayout, and handles badly for packed dtypes). A 16-bit (K, V) pair is loaded as one u32
+    row and split with shifts, since strided loads of packed rows are not supported. The TPU
+    interpreter cannot read through reshaped or bitcast refs, so there the same view is built
+    on the loaded value; the split and the indexing are shared."""
+    _, _, chans, head_dim = kv_buf.shape
+    dtype = kv_buf.dtype
+    bits = jnp.dtype(dtype).itemsize * 8
+    if bits not in (16, 32):
+        # 8-bit caches: no strided path yet (it needs a 4-way u32 split); per-channel reads.
+        return kv_buf[slot, :, 2 * h, :], kv_buf[slot, :, 2 * h + 1, :]
+    if mosaic:
+        flat = kv_buf.at[slot].reshape(keys * chans, head_dim)
+        if bits == 32:
+            return (flat[pl.ds(2 * h, keys, stride=chans), :],
+                    flat[pl.ds(2 * h + 1, keys, stride=chans), :])
+        pair = flat.bitcast(jnp.uint32)[pl.ds(h, keys, stride=chans // 2), :]
+    else:
+        flat = kv_buf[slot].reshape(keys * chans, head_dim)
+        if bits == 32:
+            return flat[2 * h :: chans], flat[2 * h + 1 :: chans]
+        pair = pltpu.bitcast(flat, jnp.uint32)[h :: chans // 2]
+    # K (the even row) is the low half of the u32, V the high half.
+    if dtype == jnp.bfloat16:  # a bf16 is the top half of an f32: exact, no 16-bit vectors
+        k = pltpu.bitcast(pair << 16, jnp.float32).astype(dtype)
+        v = pltpu.bitcast(pair & jnp.uint32(0xFFFF0000), jnp.float32).astype(dtype)
+        return k, v
+    return (pltpu.bitcast((pair & jnp.uint32(0xFFFF)).astype(jnp.uint16), dtype),
+            pltpu.bitcast((pair >> 16).astype(jnp.uint16), dtype))
+
+
 class _Pair(NamedTuple):
     seq: Any
     row_lo: Any  # first row (token offset inside the query block) of the pair
@@ -111,6 +146,7 @@ def _attend(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    mosaic: bool,
 ):
     heads_blk, q_blk = pl.program_id(0), pl.program_id(1)
     num_heads_per_blk, rows, head_dim = q_ref.shape
@@ -159,29 +195,41 @@ def _attend(
         return _Pair(seq, row_lo, row_hi, qpos_base, qpos_hi, page_lo, page_hi, n_blocks,
                      list_lo, list_end)
 
-    # 1. Cache write: one DMA per token of this block, all in flight, then all waited.
+    # 1. Cache write. A pair's new tokens are consecutive positions of one sequence, so they
+    # fall on each page as one run of slots; a run of n tokens goes out as one DMA per set bit
+    # of n (DMA sizes are static): a full page is one DMA, any run at most log2(page_size) + 1.
+    # All are started, then all waited (they share one semaphore).
+    run_sizes = [1 << b for b in range(page_size.bit_length() - 1, -1, -1)]
+
     def for_each_new_token(fn):
         def pair_body(p, carry):
             info = pair_info(p)
+            pos_lo = info.qpos_base + info.row_lo
+            pos_end = info.qpos_base + info.row_hi  # one past the pair's last position
+            col_lo = lax.div(pos_lo, page_size)
+            col_end = lax.div(pos_end - 1 + page_size, page_size)
 
-            def tok_body(row, carry2):
-                pos = info.qpos_base + row
-                col = lax.div(pos, page_size)
-                dst = pages_ref.at[
-                    page_id(info.seq, col),
-                    lax.rem(pos, page_size),
-                    pl.ds(chan_start, chans),
-                ]
-                copy = pltpu.make_async_copy(new_kv_ref.at[row], dst, write_sem.at[0])
-                if lists is None:
-                    fn(copy)
-                else:  # another device holds the page: it writes the token
-                    raw = page_indices_ref[info.seq * pages_per_seq + jnp.clip(col, 0,
-                                                                              pages_per_seq - 1)]
-                    pl.when(raw >= 0)(lambda: fn(copy))
+            def page_body(col, carry2):
+                start = jnp.maximum(pos_lo, col * page_size)
+                n = jnp.minimum(pos_end, (col + 1) * page_size) - start
+                row, slot = start - info.qpos_base, start - col * page_size
+                page = page_id(info.seq, col)
+                for size in run_sizes:
+                    off = n & ~(2 * size - 1)  # tokens already covered by the larger pieces
+                    copy = pltpu.make_async_copy(
+                        new_kv_ref.at[pl.ds(row + off, size)],
+                        pages_ref.at[page, pl.ds(slot + off, size), pl.ds(chan_start, chans)],
+                        write_sem.at[0],
+                    )
+                    todo = (n & size) != 0
+                    if lists is not None:  # another device holds the page: it writes the run
+                        raw = page_indices_ref[info.seq * pages_per_seq
+                                               + jnp.clip(col, 0, pages_per_seq - 1)]
+                        todo = todo & (raw >= 0)
+                    pl.when(todo)(lambda copy=copy: fn(copy))
                 return carry2
 
-            return lax.fori_loop(info.row_lo, info.row_hi, tok_body, carry)
+            return lax.fori_loop(col_lo, col_end, page_body, carry)
 
         lax.fori_loop(pair_lo, pair_hi, pair_body, 0)
 
@@ -249,8 +297,7 @@ def _attend(
         v_ok = first_key + lax.broadcasted_iota(jnp.int32, (keys, head_dim), 0) <= info.qpos_hi
         for h in range(num_heads_per_blk):
             q = q_ref[h]
-            k = kv_buf[slot, :, 2 * h, :]
-            v = kv_buf[slot, :, 2 * h + 1, :]
+            k, v = _load_kv(kv_buf, slot, h, keys, mosaic=mosaic)
             v = jnp.where(v_ok, v.astype(jnp.float32), 0.0).astype(v.dtype)
             s = (
                 lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -396,6 +443,7 @@ def ragged_paged_attention_tpu(
         sm_scale=float(sm_scale),
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        mosaic=not interpret,
     )
     q_spec = pl.BlockSpec((hb, rows, head_dim), lambda h, b, *_: (h, b, 0))
     scalars = (kv_lens, page_indices.reshape(-1), cu_q_lens, pair_seq, work.blk_start)
