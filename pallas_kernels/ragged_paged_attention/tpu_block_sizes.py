@@ -75,7 +75,6 @@ def vmem_footprint(
     q_and_out = 2 * 2 * kv_heads_per_block * rows_q * d * q_bytes  # pipelined, 2 buffers each
     if return_lse:  # the output is f32, plus an f32 lse block as wide as the lanes
         q_and_out += 2 * kv_heads_per_block * rows_f32 * (d * (4 - q_bytes) + LANES * 4)
-    new_kv = 2 * block_q * chans * d * kv_bytes
     kv_bufs = 2 * keys * chans * d * kv_bytes
     m_and_l = 2 * kv_heads_per_block * rows_f32 * LANES * 4
     acc = kv_heads_per_block * rows_f32 * d * 4
@@ -83,7 +82,7 @@ def vmem_footprint(
     # 16-bit caches the u32 (K, V) pair they are split from).
     kv_temps = 2 if kv_bytes == 4 else 3
     temps = 3 * rows_f32 * _round_up(keys, LANES) * 4 + kv_temps * _round_up(keys, 8) * d * 4
-    return q_and_out + new_kv + kv_bufs + m_and_l + acc + temps
+    return q_and_out + kv_bufs + m_and_l + acc + temps
 
 
 def _vmem_capacity() -> int:
