@@ -211,11 +211,18 @@ def test_dispatch_runs_tpu_kernel_in_interpret_mode():
 
 def test_tpu_kernel_lowers_to_mosaic():
     # Pallas -> Mosaic lowering only; Mosaic's own compiler (libtpu) is not available on CPU.
-    for dtype in (jnp.float32, jnp.bfloat16):
+    # This is the only check of the Mosaic branch of the K/V read (strided loads through a
+    # reshaped ref, u32 bitcast refs for 16-bit): the interpreter runs the value-level twin.
+    # (dtype, kv heads, kv heads per block): all heads, two head blocks of full tiles, and a
+    # device with a single kv head.
+    for dtype, num_kv_heads, per_block in (
+        (jnp.float32, 8, None), (jnp.float32, 8, 4), (jnp.bfloat16, 8, None),
+        (jnp.bfloat16, 16, 8), (jnp.float16, 16, 8), (jnp.bfloat16, 1, None),
+    ):
         batch = random_ragged_batch(
             [(5, 20), (1, 33), (40, 40)],
-            num_q_heads=32,
-            num_kv_heads=8,
+            num_q_heads=max(16, num_kv_heads),
+            num_kv_heads=num_kv_heads,
             head_dim=128,
             page_size=16,
             num_tokens=64,
@@ -225,7 +232,8 @@ def test_tpu_kernel_lowers_to_mosaic():
         )
         for lse in (False, True):  # the context-parallel path too
             lowered = ragged_paged_attention_tpu.trace(
-                *batch.args(), sliding_window=64, soft_cap=30.0, return_lse=lse
+                *batch.args(), sliding_window=64, soft_cap=30.0, return_lse=lse,
+                num_kv_heads_per_block=per_block,
             ).lower(lowering_platforms=("tpu",))
             assert "tpu_custom_call" in lowered.as_text()
 
@@ -323,3 +331,61 @@ def test_dispatch_runs_tpu_kernel_lse_path_bf16():
     with pytest.raises(ValueError, match="needs return_lse"):
         ragged_paged_attention(*batch.args(), impl="tpu-interpret",
                                page_mask=batch.args()[5] >= 0)
+
+
+# The fused cache write sends each run of a pair's new tokens on one page as one DMA per set
+# bit of its length. Page size 12 (runs split 8 + 4, 8 + 2 + 1, ...) and chunks starting
+# mid-page, crossing several pages, and split over query blocks (q=8) cover runs of every
+# length, full pages and partial ones at both ends; the pages compare bit for bit, so a
+# missing, doubled or misplaced row shows (unwritten slots are NaN).
+@pytest.mark.parametrize("page_size", [8, 12])
+def test_tpu_kernel_batched_kv_writes_cross_pages(page_size):
+    batch = random_ragged_batch(
+        [(21, 26), (1, 9), (13, 13), (7, 31)], num_q_heads=4, num_kv_heads=2, head_dim=32,
+        page_size=page_size, num_tokens=48, max_seqs=5, pages_per_seq=5, seed=8,
+    )
+    out, pages = ragged_paged_attention_tpu(
+        *batch.args(), interpret=pltpu.InterpretParams(), num_queries_per_block=8,
+        num_kv_pages_per_block=2,
+    )
+    check_against_reference(batch, out, pages, F32_ATOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_tpu_kernel_16bit_heads_per_block_packing(dtype):
+    """16 kv heads, 8 per block: two head blocks whose 16 interleaved channels fill one
+    16-bit sublane tile, read as u32 (K, V) pairs and split (the path Mosaic gets too)."""
+    batch = random_ragged_batch(
+        [(6, 19), (1, 12), (3, 3)], num_q_heads=16, num_kv_heads=16, head_dim=32,
+        page_size=8, num_tokens=16, max_seqs=3, pages_per_seq=3, dtype=dtype, seed=9,
+    )
+    out, pages = ragged_paged_attention_tpu(
+        *batch.args(), interpret=pltpu.InterpretParams(), num_queries_per_block=8,
+        num_kv_pages_per_block=2, num_kv_heads_per_block=8,
+    )
+    assert out.dtype == dtype
+    check_against_reference(batch, out, pages, BF16_ATOL)
+
+
+def test_block_size_rule_fills_tiles():
+    shape = dict(num_tokens=256, group=4, head_dim=128, page_size=16, pages_per_seq=64)
+
+    def heads(num_kv_heads, dtype, limit):
+        return choose_block_sizes(**shape, num_kv_heads=num_kv_heads, q_dtype=dtype,
+                                  kv_dtype=dtype, vmem_limit_bytes=limit).num_kv_heads_per_block
+
+    # Roomy VMEM: every head in one block. Tight: the smallest block whose channels still
+    # fill whole tiles (8 rows of f32, 16 of bf16), never one that pads.
+    assert heads(16, jnp.float32, 64 << 20) == heads(16, jnp.bfloat16, 64 << 20) == 16
+    assert heads(16, jnp.float32, 3 << 20) == 4
+    assert heads(16, jnp.bfloat16, 3 << 20) == 8
+    # A device with one kv head (tensor = kv heads): no divisor fills a tile; all heads.
+    assert heads(1, jnp.bfloat16, 64 << 20) == 1
+    with pytest.raises(ValueError, match="multiple of 8"):
+        choose_block_sizes(**shape, num_kv_heads=16, q_dtype=jnp.bfloat16,
+                           kv_dtype=jnp.bfloat16, num_kv_heads_per_block=4)
+    # Keys per block by head dim: 512 up to 128 lanes, fewer for wider heads.
+    rule = choose_block_sizes(**{**shape, "head_dim": 256}, num_kv_heads=2,
+                              q_dtype=jnp.float32, kv_dtype=jnp.float32,
+                              vmem_limit_bytes=64 << 20)
+    assert rule.num_kv_pages_per_block * 16 == 256

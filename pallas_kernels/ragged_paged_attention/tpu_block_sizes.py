@@ -1,5 +1,14 @@
-"""Block sizes of the TPU ragged paged attention kernel: a table keyed by page size,
-shrunk until the kernel's VMEM footprint fits."""
+"""Block sizes of the TPU ragged paged attention kernel: a rule keyed by head dim, page size
+and dtype, shrunk until the kernel's VMEM footprint fits.
+
+- kv pages per block: ``_KEYS_PER_BLOCK`` keys (fewer for wide heads, so one buffer's K/V
+  bytes stay put), divided by the page size.
+- queries per block: 32 tokens, rounded to q's sublane tile.
+- kv heads per block: all of the device's heads when they fit (each page is then one
+  contiguous DMA), else the largest divisor whose 2h interleaved channels fill whole sublane
+  tiles of the cache dtype (8 rows for 32-bit, 16 for 16-bit, 32 for 8-bit), so the K/V
+  buffer and the new-K/V block carry no tile padding.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +20,10 @@ from jax.typing import DTypeLike
 
 LANES = 128
 
-# page_size -> (kv pages per block, queries per block). About 512 keys per block keeps the
-# MXU busy while two K/V buffers plus scores stay far below the smallest scoped VMEM.
-_BLOCK_TABLE: dict[int, tuple[int, int]] = {
-    8: (64, 32),
-    16: (32, 32),
-    32: (16, 32),
-    64: (8, 32),
-    128: (4, 32),
-    256: (2, 32),
-}
+# About 512 keys per block keeps the MXU busy while two K/V buffers plus the [rows, keys]
+# f32 scores stay far below the smallest scoped VMEM; heads wider than 128 lanes scale it down.
+_KEYS_PER_BLOCK = 512
+_QUERIES_PER_BLOCK = 32
 # The smallest VMEM of current generations (v4/v5e per TensorCore).
 _DEFAULT_VMEM_BYTES = 16 * 1024 * 1024
 
@@ -35,6 +38,12 @@ class BlockSizes(NamedTuple):
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def default_kv_pages_per_block(page_size: int, head_dim: int) -> int:
+    """The rule's kv pages per block (before the VMEM fit and the pages_per_seq cap)."""
+    keys = _KEYS_PER_BLOCK * LANES // max(LANES, _round_up(head_dim, LANES))
+    return max(1, keys // page_size)
 
 
 def _sublane_multiple(dtype: DTypeLike) -> int:
@@ -66,13 +75,14 @@ def vmem_footprint(
     q_and_out = 2 * 2 * kv_heads_per_block * rows_q * d * q_bytes  # pipelined, 2 buffers each
     if return_lse:  # the output is f32, plus an f32 lse block as wide as the lanes
         q_and_out += 2 * kv_heads_per_block * rows_f32 * (d * (4 - q_bytes) + LANES * 4)
-    new_kv = 2 * block_q * chans * d * kv_bytes
     kv_bufs = 2 * keys * chans * d * kv_bytes
     m_and_l = 2 * kv_heads_per_block * rows_f32 * LANES * 4
     acc = kv_heads_per_block * rows_f32 * d * 4
-    # Live values of one head: scores, probabilities and mask, plus K and V in f32.
-    temps = 3 * rows_f32 * _round_up(keys, LANES) * 4 + 2 * _round_up(keys, 8) * d * 4
-    return q_and_out + new_kv + kv_bufs + m_and_l + acc + temps
+    # Live values of one head: scores, probabilities and mask, plus K and V in f32 (and for
+    # 16-bit caches the u32 (K, V) pair they are split from).
+    kv_temps = 2 if kv_bytes == 4 else 3
+    temps = 3 * rows_f32 * _round_up(keys, LANES) * 4 + kv_temps * _round_up(keys, 8) * d * 4
+    return q_and_out + kv_bufs + m_and_l + acc + temps
 
 
 def _vmem_capacity() -> int:
@@ -100,18 +110,20 @@ def choose_block_sizes(
     vmem_limit_bytes: int | None = None,
     return_lse: bool = False,
 ) -> BlockSizes:
-    """Table defaults, shrunk until they fit VMEM; explicit sizes that do not fit are refused."""
+    """The rule's defaults (module docstring), shrunk until they fit VMEM; explicit sizes that
+    do not fit are refused."""
     limit = vmem_limit_bytes or (_vmem_capacity() * 3) // 4
-    table_pages, table_q = _BLOCK_TABLE.get(page_size, (max(1, 512 // page_size), 32))
-    pages = min(num_kv_pages_per_block or table_pages, pages_per_seq)
+    rule_pages = default_kv_pages_per_block(page_size, head_dim)
+    pages = min(num_kv_pages_per_block or rule_pages, pages_per_seq)
     sub = _sublane_multiple(q_dtype)
-    bq = num_queries_per_block or table_q
+    bq = num_queries_per_block or _QUERIES_PER_BLOCK
     if bq >= num_tokens:
         bq = num_tokens  # one block covering every token is always a legal tile
     elif num_queries_per_block is None:
         bq = _round_up(bq, sub)
     kv_sub = _sublane_multiple(kv_dtype)
-    # A head block must tile the channel dim: all heads, or a multiple of the sublane count.
+    # A head block must tile the channel dim: all heads, or 2h channels filling whole sublane
+    # tiles; largest first (fewest, most contiguous DMAs).
     head_options = [
         h
         for h in range(num_kv_heads, 0, -1)

@@ -6,14 +6,16 @@ built in XLA before the call (``reference.build_work_list``) and are scalar-pref
 the lengths, the page table and cu_q_lens.
 
 Per grid step:
-  1. DMA each of the block's new K/V rows (VMEM) into its page slot in HBM, then wait. Query
-     blocks run in order, so every key position a query may attend to (<= its own position)
-     has been written by this or an earlier step before any page is read.
+  1. The block's new K/V rows go HBM -> HBM into their page slots: each run of a pair's tokens
+     on one page as one DMA per set bit of its length. Query blocks run in order, so every key
+     position a query may attend to (<= its own position) has been written by this or an
+     earlier step before any page is read.
   2. For each pair, stream its pages HBM -> VMEM in blocks of ``num_kv_pages_per_block``,
      double-buffered (the next block, possibly of the next pair, is in flight while the current
      one is being used), with an online softmax per kv head over the pair's query rows. Rows of
      other pairs are fully masked, which leaves their running state bit-for-bit unchanged, so no
-     masked stores are needed.
+     masked stores are needed. Once the step's last block has arrived, the next step's write
+     (1.) is done and its first K/V block started, so it lands while this step finishes.
   3. Normalise and store the output block.
 
 The pages input is aliased to the pages output (in-place update when the caller donates).
@@ -24,10 +26,9 @@ step 1 skips tokens on pages it does not hold, step 2 walks the pair's slice of 
 sequence's held-page list (``reference.local_page_lists``) instead of table columns, and
 the output is f32 plus a log-sum-exp per row, so partials merge exactly.
 
-Written for TPU interpret mode as well as Mosaic: refs are never reshaped and there are no
-masked ``pltpu.store`` calls (state updates are plain stores of ``where``-merged values).
-q and out use a [num_kv_heads, T * group, head_dim] layout so a kv head's query rows are one
-contiguous 2-D tile and the kernel needs no value reshapes either.
+Written for TPU interpret mode as well as Mosaic: no masked ``pltpu.store`` (state updates
+store ``where``-merged values); only the K/V read (``tpu_kv_layout``) differs between them.
+q and out are [num_kv_heads, T * group, head_dim], so a kv head's query rows are one 2-D tile.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from meshserve.pallas_kernels.ragged_paged_attention import reference, tpu_block_sizes, validation
 from meshserve.pallas_kernels.ragged_paged_attention.tpu_block_sizes import choose_block_sizes
+from meshserve.pallas_kernels.ragged_paged_attention.tpu_kv_layout import load_kv
 
 MASK_VALUE = reference.MASK_VALUE
 _LANES = tpu_block_sizes.LANES
@@ -87,7 +89,7 @@ def _attend(
     blk_start_ref,
     # Inputs.
     q_ref,  # [Hb, Bq * G, D]
-    new_kv_ref,  # [Bq, 2 * Hb, D]
+    new_kv_ref,  # HBM [Bq * num_q_blocks, 2 * H, D]: read by the write DMAs only
     _pages_in_ref,  # aliased to pages_ref; all access goes through the output ref
     # Outputs.
     o_ref,  # [Hb, Bq * G, D]
@@ -96,6 +98,7 @@ def _attend(
     kv_buf,  # [2, Bp * page_size, 2 * Hb, D]
     read_sems,  # DMA semaphores, one per buffer
     write_sem,  # DMA semaphore for the cache write
+    start_slot_ref,  # SMEM [1]: the buffer holding this step's first K/V block
     m_ref,  # [Hb, Bq * G, 128] running max, broadcast along lanes
     l_ref,  # [Hb, Bq * G, 128] running denominator
     acc_ref,  # [Hb, Bq * G, D] running numerator
@@ -111,6 +114,7 @@ def _attend(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    mosaic: bool,
 ):
     heads_blk, q_blk = pl.program_id(0), pl.program_id(1)
     num_heads_per_blk, rows, head_dim = q_ref.shape
@@ -118,7 +122,6 @@ def _attend(
     chan_start = heads_blk * chans
     num_pages, page_size = pages_ref.shape[0], pages_ref.shape[1]
     keys = pages_per_block * page_size
-    first_tok = q_blk * block_q
     pair_lo = blk_start_ref[q_blk]
     pair_hi = blk_start_ref[q_blk + 1]
 
@@ -128,7 +131,8 @@ def _attend(
         col = jnp.clip(col, 0, pages_per_seq - 1)
         return jnp.clip(page_indices_ref[seq * pages_per_seq + col], 0, num_pages - 1)
 
-    def pair_info(p) -> _Pair:
+    def pair_info(p, blk=q_blk) -> _Pair:
+        first_tok = blk * block_q
         seq = pair_seq_ref[p]
         q_start = cu_q_lens_ref[seq]
         q_end = cu_q_lens_ref[seq + 1]
@@ -159,34 +163,46 @@ def _attend(
         return _Pair(seq, row_lo, row_hi, qpos_base, qpos_hi, page_lo, page_hi, n_blocks,
                      list_lo, list_end)
 
-    # 1. Cache write: one DMA per token of this block, all in flight, then all waited.
-    def for_each_new_token(fn):
-        def pair_body(p, carry):
-            info = pair_info(p)
+    # 1. Cache write: a pair's new tokens fill one run of slots per page; a run of n goes out
+    # as one DMA per set bit of n (sizes are static). All start, then all are waited.
+    run_sizes = [1 << b for b in range(page_size.bit_length() - 1, -1, -1)]
 
-            def tok_body(row, carry2):
-                pos = info.qpos_base + row
-                col = lax.div(pos, page_size)
-                dst = pages_ref.at[
-                    page_id(info.seq, col),
-                    lax.rem(pos, page_size),
-                    pl.ds(chan_start, chans),
-                ]
-                copy = pltpu.make_async_copy(new_kv_ref.at[row], dst, write_sem.at[0])
-                if lists is None:
-                    fn(copy)
-                else:  # another device holds the page: it writes the token
-                    raw = page_indices_ref[info.seq * pages_per_seq + jnp.clip(col, 0,
-                                                                              pages_per_seq - 1)]
-                    pl.when(raw >= 0)(lambda: fn(copy))
+    def write_block(blk, fn):
+        def pair_body(p, carry):
+            info = pair_info(p, blk)
+            pos_lo = info.qpos_base + info.row_lo
+            pos_end = info.qpos_base + info.row_hi  # one past the pair's last position
+            col_lo = lax.div(pos_lo, page_size)
+            col_end = lax.div(pos_end - 1 + page_size, page_size)
+
+            def page_body(col, carry2):
+                start = jnp.maximum(pos_lo, col * page_size)
+                n = jnp.minimum(pos_end, (col + 1) * page_size) - start
+                row, slot = start - info.qpos_base, start - col * page_size
+                page = page_id(info.seq, col)
+                for size in run_sizes:
+                    off = n & ~(2 * size - 1)  # tokens already covered by the larger pieces
+                    copy = pltpu.make_async_copy(
+                        new_kv_ref.at[pl.ds(blk * block_q + row + off, size),
+                                      pl.ds(chan_start, chans)],
+                        pages_ref.at[page, pl.ds(slot + off, size), pl.ds(chan_start, chans)],
+                        write_sem.at[0],
+                    )
+                    todo = (n & size) != 0
+                    if lists is not None:  # another device holds the page: it writes the run
+                        raw = page_indices_ref[info.seq * pages_per_seq
+                                               + jnp.clip(col, 0, pages_per_seq - 1)]
+                        todo = todo & (raw >= 0)
+                    pl.when(todo)(lambda copy=copy: fn(copy))
                 return carry2
 
-            return lax.fori_loop(info.row_lo, info.row_hi, tok_body, carry)
+            return lax.fori_loop(col_lo, col_end, page_body, carry)
 
-        lax.fori_loop(pair_lo, pair_hi, pair_body, 0)
+        lax.fori_loop(blk_start_ref[blk], blk_start_ref[blk + 1], pair_body, 0)
 
-    for_each_new_token(lambda copy: copy.start())
-    for_each_new_token(lambda copy: copy.wait())
+    def write_and_wait(blk):
+        write_block(blk, lambda copy: copy.start())
+        write_block(blk, lambda copy: copy.wait())
 
     # 2. Attention.
     m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
@@ -249,8 +265,7 @@ def _attend(
         v_ok = first_key + lax.broadcasted_iota(jnp.int32, (keys, head_dim), 0) <= info.qpos_hi
         for h in range(num_heads_per_blk):
             q = q_ref[h]
-            k = kv_buf[slot, :, 2 * h, :]
-            v = kv_buf[slot, :, 2 * h + 1, :]
+            k, v = load_kv(kv_buf, slot, h, keys, mosaic=mosaic)
             v = jnp.where(v_ok, v.astype(jnp.float32), 0.0).astype(v.dtype)
             s = (
                 lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -271,9 +286,31 @@ def _attend(
             )
             acc_ref[h] = alpha * acc_ref[h] + pv
 
-    @pl.when(pair_lo < pair_hi)
+    # Cross-step prefetch (a head block's query blocks run in order on one core): after this
+    # step's last read, the next step's write (it may touch pages just read), then its first
+    # K/V block, which lands while this step finishes. Step 0 of a head block starts cold.
+    def prepare_next_step(slot):
+        @pl.when(q_blk + 1 < pl.num_programs(1))
+        def _():
+            write_and_wait(q_blk + 1)
+            first = blk_start_ref[q_blk + 1]
+
+            @pl.when(first < blk_start_ref[q_blk + 2])
+            def _():
+                kv_copies(pair_info(first, q_blk + 1), 0, slot, lambda c: c.start())
+
+            start_slot_ref[0] = slot
+
+    @pl.when(q_blk == 0)
     def _():
-        kv_copies(pair_info(pair_lo), 0, 0, lambda c: c.start())
+        write_and_wait(0)
+        start_slot_ref[0] = 0
+
+        @pl.when(pair_lo < pair_hi)
+        def _():
+            kv_copies(pair_info(pair_lo), 0, 0, lambda c: c.start())
+
+    slot0 = start_slot_ref[0]
 
     def body(state):
         p, kv_blk, slot = state
@@ -288,10 +325,15 @@ def _attend(
             kv_copies(pair_info(next_p), next_blk, next_slot, lambda c: c.start())
 
         kv_copies(info, kv_blk, slot, lambda c: c.wait())
+
+        pl.when(next_p >= pair_hi)(lambda: prepare_next_step(next_slot))
+
         compute(info, kv_blk, slot)
         return next_p, next_blk, next_slot
 
-    lax.while_loop(lambda s: s[0] < pair_hi, body, (pair_lo, jnp.int32(0), jnp.int32(0)))
+    lax.while_loop(lambda s: s[0] < pair_hi, body, (pair_lo, jnp.int32(0), slot0))
+
+    pl.when(pair_lo >= pair_hi)(lambda: prepare_next_step(slot0))  # padding steps hand over
 
     # 3. Rows that no pair touched (padding) have l == 0 and come out as zeros.
     for h in range(num_heads_per_blk):
@@ -396,6 +438,7 @@ def ragged_paged_attention_tpu(
         sm_scale=float(sm_scale),
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        mosaic=not interpret,
     )
     q_spec = pl.BlockSpec((hb, rows, head_dim), lambda h, b, *_: (h, b, 0))
     scalars = (kv_lens, page_indices.reshape(-1), cu_q_lens, pair_seq, work.blk_start)
@@ -419,7 +462,7 @@ def ragged_paged_attention_tpu(
         grid=(num_kv_heads // hb, num_blocks),
         in_specs=[
             q_spec,
-            pl.BlockSpec((bq, 2 * hb, head_dim), lambda h, b, *_: (b, h, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
         out_specs=out_specs,
@@ -427,6 +470,7 @@ def ragged_paged_attention_tpu(
             pltpu.VMEM((2, bp * page_size, 2 * hb, head_dim), kv_pages.dtype),
             pltpu.SemaphoreType.DMA((2,)),
             pltpu.SemaphoreType.DMA((1,)),
+            pltpu.SMEM((1,), jnp.int32),
             pltpu.VMEM((hb, rows, _LANES), jnp.float32),
             pltpu.VMEM((hb, rows, _LANES), jnp.float32),
             pltpu.VMEM((hb, rows, head_dim), jnp.float32),
@@ -440,7 +484,8 @@ def ragged_paged_attention_tpu(
         input_output_aliases={len(scalars) + 2: 1},
         compiler_params=pltpu.CompilerParams(
             # Head blocks touch disjoint channels, so they may run on separate cores; query
-            # blocks must run in order because later blocks read what earlier ones wrote.
+            # blocks must run in order: later blocks read what earlier ones wrote, and each
+            # step hands the next its cache write and first K/V block.
             dimension_semantics=("parallel", "arbitrary"),
             vmem_limit_bytes=sizes.vmem_limit_bytes,
         ),
