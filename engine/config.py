@@ -54,6 +54,10 @@ class EngineConfig:
     # One CPU device: keep the projection weights panel-packed for the C++ matmul kernel
     # (engine/packing.py), ~2x XLA:CPU's speed at decode batch sizes.
     pack_weights: bool = True
+    # Run homogeneous decoder layers under one scanned body with stacked weights and one
+    # stacked KV cache (engine/layer_scan.py, models/scan.py): compile time flat in depth.
+    # Off by default (see docs/design.md "Scanned layers"); packing takes precedence.
+    scan_layers: bool = False
     # Step watchdog (engine/watchdog.py; None: off): a step not finished in this many
     # seconds fails the engine, one that launches a first-seen shape (a compile) gets
     # compile_timeout. Multi-host leaders watch their steps themselves (engine/multihost.py).

@@ -30,8 +30,8 @@ from meshserve.engine.detokenizer import IncrementalDetokenizer
 from meshserve.engine.handle import RequestHandle
 from meshserve.engine.handoff import DisaggregationMixin, Handoffs
 from meshserve.engine.kv_pool import plan_num_pages
+from meshserve.engine.layer_scan import place_layers
 from meshserve.engine.outputs import EngineStats, StreamChunk, TokenLogprob, Usage
-from meshserve.engine.packing import PACKED_EXPERTS, pack_weights, packing_applies
 from meshserve.engine.paged_attention import AttentionSpecs, init_paged_cache
 from meshserve.engine.prefix_cache import CacheEventLog, root_digest
 from meshserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -41,7 +41,6 @@ from meshserve.engine.snapshot import engine_stats, take_snapshot
 from meshserve.engine.step import StepFunctions, StepInputs, StepOutputs
 from meshserve.engine.warmup import WarmupMixin
 from meshserve.engine.watchdog import StepWatchdog
-from meshserve.models.layers import Matmul, plain_matmul
 from meshserve.models.loading import ShardedModel
 from meshserve.models.tokenizer import Tokenizer
 
@@ -67,12 +66,8 @@ class Engine(DisaggregationMixin, WarmupMixin):
         attention_impl: str | None = None,
     ):
         self.config = cfg = config or EngineConfig()
-        self.matmul: Matmul = plain_matmul
-        experts = None  # expert parallel over the mesh (engine.experts)
-        if cfg.pack_weights and packing_applies(model):
-            # A copy: the caller drops its model to free the memory.
-            model, self.matmul = pack_weights(model)
-            experts = PACKED_EXPERTS
+        # experts None: expert parallel over the mesh (engine.experts)
+        model, self.matmul, experts, self.scanned = place_layers(model, cfg)
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
@@ -86,15 +81,15 @@ class Engine(DisaggregationMixin, WarmupMixin):
         rules = model.rules
         self.data_shards = rules.axis_size("batch")
         self._kv = init_paged_cache(
-            mc, rules, self.data_shards, self.num_pages, cfg.page_size, model.dtype
-        )
+            mc, rules, self.data_shards, self.num_pages, cfg.page_size, model.dtype,
+            self.scanned)
         stats_shape = (self.data_shards, cfg.max_seqs, mc.vocab_size)
         stats_sharding = rules.sharding(("cache_batch", None, None), stats_shape)
         self._counts = jax.jit(
             lambda: jnp.zeros(stats_shape, jnp.int32), out_shardings=stats_sharding
         )()
         self._seen = jax.jit(lambda: jnp.zeros(stats_shape, bool), out_shardings=stats_sharding)()
-        specs = AttentionSpecs.create(rules, mc, attention_impl)
+        specs = AttentionSpecs.create(rules, mc, attention_impl, self.scanned)
         self._fns = StepFunctions(
             model, specs, cfg.max_logprobs, cfg.decode_steps, self.matmul, experts
         )
@@ -154,6 +149,8 @@ class Engine(DisaggregationMixin, WarmupMixin):
         params = (params or SamplingParams()).validate(self.vocab_size, self.config.max_logprobs)
         salt = cache_salt.encode() if isinstance(cache_salt, str) else bytes(cache_salt)
         prompt = self.check_prompt(prompt_ids, params)
+        if prefill_only:
+            self._handoff.check_supported()
         request_id = request_id or f"req-{uuid.uuid4().hex[:12]}"
         eos = () if params.ignore_eos else self.model.config.eos_token_ids
         seq = Sequence(

@@ -76,6 +76,9 @@ class Handoffs:
         self._releases: collections.deque[str] = collections.deque()
         rules = engine.model.rules
         self._rules = rules
+        # One stacked cache (scanned layers): the gather/scatter programs read per-layer
+        # arrays, so handoffs are refused rather than moving the wrong pages.
+        self.scanned = bool(getattr(engine, "scanned", False))
         self.kv_split = rules.axis_size("kv_split")
         self._gather = jax.jit(self._gather_impl)
         self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
@@ -83,6 +86,11 @@ class Handoffs:
         self.expired = 0
         self.exported = 0
         self.imported = 0
+
+    def check_supported(self) -> None:
+        if self.scanned:
+            raise HandoffError("KV handoff needs per-layer caches: this engine runs with "
+                               "scan_layers (EngineConfig.scan_layers=False to use it)")
 
     # -- layouts -----------------------------------------------------------------------
     def pool_layout(self, pages: int = 1, rows: int = 1) -> KVLayout:
@@ -123,6 +131,7 @@ class Handoffs:
         """Compile the gather (export) and scatter (imports) programs of every bucket now,
         so no handoff stalls a step for a compile; returns how many were run. They read
         or write no page (every row is out of range)."""
+        self.check_supported()
         eng = self._engine
         sizes = sorted({bucket_rows(p, eng.pages_per_seq) for p in range(1, eng.pages_per_seq + 1)})
         nowhere = eng.num_pages * eng.data_shards
@@ -227,6 +236,7 @@ class Handoffs:
     def receive(self, handoff: KVHandoff) -> KVHandoff:
         """(Any thread.) The handoff with its KV on this engine's mesh, copied there and
         resharded by jax.device_put; blocks until the copy is done."""
+        self.check_supported()
         if handoff.kv is None:
             raise HandoffError("the handoff carries no KV array")
         handoff.layout.check_pool(self.pool_layout())

@@ -42,13 +42,31 @@ def cache_shape(cfg: ModelConfig, data: int, num_pages: int, page_size: int) -> 
 
 
 def init_paged_cache(
-    cfg: ModelConfig, rules: ShardingRules, data: int, num_pages: int, page_size: int, dtype
+    cfg: ModelConfig, rules: ShardingRules, data: int, num_pages: int, page_size: int, dtype,
+    stacked: bool = False,
 ) -> list[jax.Array]:
-    """One [data*pages, page_size, 2*kv_heads, head_dim] array per layer, K/V interleaved."""
-    shape = cache_shape(cfg, data, num_pages, page_size)
+    """One [data*pages, page_size, 2*kv_heads, head_dim] array per layer, K/V interleaved.
+
+    stacked (scanned layers, models.scan): one [data*layers*pages, ...] array instead.
+    Data shard d owns rows [d*L*N, (d+1)*L*N); within them layer l's page p is row
+    l*N + p, so a layer's pages are addressed by offsetting page ids (`layer_pages`) and
+    every kernel, and the context-parallel round-robin split (N is a multiple of the
+    split), work on it unchanged."""
+    layers = 1 if stacked else cfg.num_layers
+    per_array = num_pages * (cfg.num_layers if stacked else 1)
+    shape = cache_shape(cfg, data, per_array, page_size)
     sharding = rules.sharding(CACHE_AXES, shape)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return [make() for _ in range(cfg.num_layers)]
+    return [make() for _ in range(layers)]
+
+
+def layer_pages(page_indices: jax.Array, layer: jax.Array, num_pages: int,
+                num_layers: int) -> jax.Array:
+    """Shard-local page ids of one layer of a stacked cache. Ids outside [0, num_pages)
+    (padding) stay outside [0, num_layers*num_pages), so they still write nothing."""
+    offset = jnp.where(page_indices < 0, 0,
+                       jnp.where(page_indices >= num_pages, num_layers - 1, layer))
+    return page_indices + offset * num_pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +87,12 @@ class AttentionSpecs:
     kv_ways: int = 1
     # q/k/v/out with their token dimension split as the model's activations are ("seq").
     q_tokens: PartitionSpec | None = None
+    # Layers in one stacked cache (scanned layers; 0: one cache array per layer).
+    stacked_layers: int = 0
 
     @classmethod
-    def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None) -> AttentionSpecs:
+    def create(cls, rules: ShardingRules, cfg: ModelConfig, impl: str | None,
+               stacked: bool = False) -> AttentionSpecs:
         return cls(
             mesh=rules.mesh,
             q=rules.spec(("batch", None, "heads", "head_dim")),
@@ -83,6 +104,7 @@ class AttentionSpecs:
             kv_axis=rules.mesh_axis("kv_split"),
             kv_ways=rules.axis_size("kv_split"),
             q_tokens=rules.spec(("batch", "seq", "heads", "head_dim")),
+            stacked_layers=cfg.num_layers if stacked else 0,
         )
 
 
@@ -97,10 +119,16 @@ class PagedAttention:
 
     def __call__(self, layer, q, k, v, cache):
         s = self.specs
-        window = s.windows[layer] if s.windows else None
-        attend = functools.partial(ragged_paged_attention, sliding_window=window, impl=s.impl)
-        meta = (self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs)
         data = q.shape[0]
+        page_indices = self.page_indices
+        if s.stacked_layers:  # a traced layer index (models.scan): uniform windows
+            window = s.windows[0] if s.windows else None
+            pages_per_layer = cache.shape[0] // (data * s.stacked_layers)
+            page_indices = layer_pages(page_indices, layer, pages_per_layer, s.stacked_layers)
+        else:
+            window = s.windows[layer] if s.windows else None
+        attend = functools.partial(ragged_paged_attention, sliding_window=window, impl=s.impl)
+        meta = (self.kv_lens, page_indices, self.cu_q_lens, self.num_seqs)
 
         def one_shard(q, k, v, pages, *meta):
             # The token side has a leading data axis of 1; the pages are already local.

@@ -32,6 +32,8 @@ DEFAULT_RULES: Mapping[str, MeshAxes] = {
     "mlp": "tensor",
     "experts": "expert",
     "expert_mlp": "tensor",
+    # the leading axis of scanned (stacked) layer weights: every device holds every layer
+    "layers": None,
     # activations
     "batch": "data",
     "seq": "sequence",

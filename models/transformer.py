@@ -25,13 +25,16 @@ from meshserve.models.layers import (
     rope_cos_sin,
 )
 from meshserve.models.moe import ExpertsFn, grouped_experts
+from meshserve.models.scan import ScannedLayers
 
 
 class Transformer(nnx.Module):
     """tokens/positions [batch, seq] → hidden states → logits.
 
     The KV cache is a list (one entry per layer) owned by the caller and threaded through
-    `attention`, so dense, paged and kernel-backed caches share this one model.
+    `attention`, so dense, paged and kernel-backed caches share this one model. With its
+    layers stacked (`models.scan.stack_layers`) the list holds one entry for all layers
+    and `attention` gets the layer index as a traced scalar.
     """
 
     def __init__(
@@ -67,6 +70,9 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
         cos, sin = self.rope(positions) if rope is None else rope
+        if isinstance(self.layers, ScannedLayers):  # models.scan: one stacked cache
+            x, stacked = self.layers(x, cos, sin, cache[0], attention, matmul, experts)
+            return self.final_norm(x), [stacked]
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, layer_cache = layer(x, cos, sin, layer_cache, attention, matmul, experts)
