@@ -43,19 +43,6 @@ class ExpertsFn(Protocol):
     ) -> jax.Array: ...
 
 
-def _top_k(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`lax.top_k` as k argmaxes (ties: the lower index first, as top_k): GSPMD
-    partitions a reduction over the replicated experts axis per token, whereas its top_k
-    all-gathered the batch over `data` (one all-gather per MoE layer and step)."""
-    vals, ids = [], []
-    for _ in range(k):
-        i = jnp.argmax(probs, axis=-1)
-        vals.append(jnp.take_along_axis(probs, i[..., None], axis=-1)[..., 0])
-        ids.append(i)
-        probs = jnp.where(jnp.arange(probs.shape[-1]) == i[..., None], -jnp.inf, probs)
-    return jnp.stack(vals, axis=-1), jnp.stack(ids, axis=-1)
-
-
 def route(
     x: jax.Array, router: jax.Array, k: int, normalize: bool
 ) -> tuple[jax.Array, jax.Array]:
@@ -63,7 +50,7 @@ def route(
     top k, then (normalize) divided by their sum — Mixtral's and Qwen3-MoE's order."""
     logits = jnp.einsum("...e,ex->...x", x.astype(jnp.float32), router.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
-    top, ids = _top_k(probs, k)
+    top, ids = jax.lax.top_k(probs, k)
     if normalize:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
     return ids.astype(jnp.int32), top

@@ -214,16 +214,3 @@ def test_dispatch_choice_is_checked(monkeypatch):
     monkeypatch.setenv("MESHSERVE_EXPERTS_DISPATCH", "ragged")
     with pytest.raises(ValueError, match="choose from"):
         default_dispatch()
-
-
-def test_top_k_by_argmax_equals_lax_top_k_ties_included():
-    from meshserve.models.moe import _top_k
-
-    probs = jax.random.uniform(jax.random.key(7), (3, 5, 16))
-    probs = probs.at[0, 0, 3].set(probs[0, 0, 9]).at[0, 0, 9].set(2.0).at[0, 0, 3].set(2.0)
-    for k in (1, 2, 8):
-        vals, ids = _top_k(probs, k)
-        ref_vals, ref_ids = jax.lax.top_k(probs, k)
-        np.testing.assert_array_equal(ids, ref_ids)
-        np.testing.assert_array_equal(vals, ref_vals)
-    assert _top_k(probs, 2)[1][0, 0].tolist() == [3, 9]  # a tie: the lower index first
