@@ -6,7 +6,9 @@ too). Activations are replicated over the `expert` and `tensor` axes in this lay
 already holds every token of its shard, computes the slots routed to its own experts
 with the routing-following grouped compute, and one `psum` over expert × tensor
 combines the partial outputs — the all-reduce a row-parallel dense MLP already pays
-over `tensor`. See docs/design.md ("Mixture of experts") for why not all-to-all.
+over `tensor`. The measured alternative (`dispatch="all_to_all"`, or
+$MESHSERVE_EXPERTS_DISPATCH) splits the tokens over the expert devices and moves them
+with `lax.all_to_all`; docs/design.md ("Mixture of experts") has why psum is the default.
 """
 
 from __future__ import annotations
@@ -90,37 +92,68 @@ def default_impl(mesh: Mesh) -> str:
     return DEFAULT_BY_PLATFORM.get(platform, "grouped")
 
 
+DISPATCH_ENV_VAR = "MESHSERVE_EXPERTS_DISPATCH"
+# How tokens reach their experts' devices and come back (docs/design.md, "Mixture of
+# experts", has the measured comparison): "psum" (every device already holds every token;
+# one all-reduce over expert × tensor combines) or "all_to_all" (tokens split over the
+# expert devices, all-to-all there and back, an all-gather restores the replicated
+# activations attention here expects).
+DISPATCHES = ("psum", "all_to_all")
+
+
+def default_dispatch() -> str:
+    """$MESHSERVE_EXPERTS_DISPATCH, else psum (the one chosen by measuring)."""
+    chosen = os.environ.get(DISPATCH_ENV_VAR, "").strip() or "psum"
+    if chosen not in DISPATCHES:
+        raise ValueError(f"{DISPATCH_ENV_VAR}={chosen!r}: choose from {DISPATCHES}")
+    return chosen
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-    """An `ExpertsFn` that runs `compute` per device on its own experts and psums."""
+    """An `ExpertsFn` that runs `compute` per device on its own experts, dispatching and
+    combining by `dispatch` (one of DISPATCHES)."""
 
     mesh: Mesh
     w_in: PartitionSpec
     w_out: PartitionSpec
     expert_axes: tuple[str, ...]  # mesh axes the experts dimension is split over
     reduce_axes: tuple[str, ...]  # expert × tensor: where partial outputs are summed
+    tensor_axes: tuple[str, ...]  # expert_mlp's: where one expert's partials are summed
     rules: ShardingRules
     compute: ExpertsFn = grouped_experts
+    dispatch: str = "psum"
 
     @classmethod
-    def create(cls, rules: ShardingRules, compute: ExpertsFn = grouped_experts
-               ) -> ExpertParallel:
+    def create(cls, rules: ShardingRules, compute: ExpertsFn = grouped_experts,
+               dispatch: str = "psum") -> ExpertParallel:
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"unknown expert dispatch {dispatch!r}; choose from {DISPATCHES}")
+        expert_axes = rules.mesh_axes(("experts",))
+        if len(expert_axes) > 1:
+            raise ValueError(f"experts split over several mesh axes {expert_axes}")
         return cls(
             compute=compute,
             mesh=rules.mesh,
             w_in=rules.spec(EXPERT_IN_AXES),
             w_out=rules.spec(EXPERT_OUT_AXES),
-            expert_axes=rules.mesh_axes(("experts",)),
+            expert_axes=expert_axes,
             reduce_axes=rules.mesh_axes(("experts", "expert_mlp")),
+            tensor_axes=tuple(a for a in rules.mesh_axes(("expert_mlp",))
+                              if a not in expert_axes),
             rules=rules,
+            dispatch=dispatch,
         )
 
     def __call__(self, x, expert_ids, weights, gate, up, down):
         if self.mesh.size == 1:
             return self.compute(x, expert_ids, weights, gate, up, down)
         tokens = self.rules.spec(TOKEN_AXES, x.shape)
+        a2a = self.dispatch == "all_to_all" and bool(self.expert_axes)
 
         def local(x, ids, w, gate, up, down):
+            if a2a:
+                return self._all_to_all(x, ids, w, gate, up, down)
             first = 0
             if self.expert_axes:
                 first = jax.lax.axis_index(self.expert_axes) * gate.shape[0]
@@ -135,11 +168,61 @@ class ExpertParallel:
             check_vma=False,
         )(x, expert_ids, weights, gate, up, down)
 
+    def _all_to_all(self, x, ids, w, gate, up, down):
+        """Per device: its 1/X of the tokens (X expert devices), each sent once to every
+        expert device that owns one of its k experts, computed there, sent back.
 
-def experts_backend(rules: ShardingRules, impl: str | None = None) -> ExpertsFn:
+        Capacity: a fixed `rows` = the source's token count per (source, destination)
+        pair. A token goes to a device at most once (with the ids and weights of all its
+        k slots; the destination computes only the slots of its own experts), so no pair
+        can ever need more: dropless at every size, nothing to count. Static shapes make
+        `all_to_all` move the whole capacity whatever the routing (a ragged all-to-all
+        would move only the rows used; XLA:CPU cannot run one)."""
+        (axis,) = self.expert_axes
+        ways = self.mesh.shape[axis]
+        local_experts = gate.shape[0]
+        shape, k = x.shape, ids.shape[-1]
+        xs, ids, w = x.reshape(-1, shape[-1]), ids.reshape(-1, k), w.reshape(-1, k)
+        n = xs.shape[0]
+        rows = -(-n // ways)
+        pad = rows * ways - n
+        me = jax.lax.axis_index(axis)
+
+        def mine(a, fill):  # attention ran replicated over `expert`: take this one's slice
+            a = jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill)
+            return jax.lax.dynamic_slice_in_dim(a, me * rows, rows)
+
+        xs, ids, w = mine(xs, 0), mine(ids, -1), mine(w, 0)
+        dest = jnp.where(ids >= 0, ids // local_experts, -1)  # [rows, k]
+        needed = jnp.any(dest[None] == jnp.arange(ways)[:, None, None], axis=-1)  # [ways, rows]
+        send_x = jnp.where(needed[..., None], xs[None], 0).astype(x.dtype)
+        # A row a device does not need is blanked (ids -1: no expert's); a needed row
+        # keeps all k slots, the receiver skips those of other devices' experts.
+        send_ids = jnp.where(needed[..., None], ids[None], -1)
+        send_w = jnp.where(needed[..., None], w[None], 0)
+        # Ids travel as f32 beside the weights (exact below 2^24): one all-to-all, not two.
+        routing = jnp.concatenate([send_ids.astype(jnp.float32), send_w.astype(jnp.float32)], -1)
+        recv_x = jax.lax.all_to_all(send_x.reshape(ways * rows, -1), axis, 0, 0, tiled=True)
+        recv_r = jax.lax.all_to_all(routing.reshape(ways * rows, -1), axis, 0, 0, tiled=True)
+        recv_ids = recv_r[:, :k].astype(jnp.int32)
+        recv_w = recv_r[:, k:].astype(w.dtype)
+        y = self.compute(recv_x[None], recv_ids[None], recv_w[None], gate, up, down,
+                         first_expert=me * local_experts)[0]
+        back = jax.lax.all_to_all(y, axis, 0, 0, tiled=True)  # [ways * rows, embed]
+        out = jnp.sum(back.reshape(ways, rows, -1).astype(jnp.float32), axis=0)
+        if self.tensor_axes:
+            out = jax.lax.psum(out, self.tensor_axes)
+        out = jax.lax.all_gather(out.astype(x.dtype), axis, axis=0, tiled=True)
+        return out[:n].reshape(shape)
+
+
+def experts_backend(rules: ShardingRules, impl: str | None = None,
+                    dispatch: str | None = None) -> ExpertsFn:
     """The expert compute for a model placed with `rules`: `impl` (default: by platform,
-    see `default_impl`) on each device's own experts."""
-    return ExpertParallel.create(rules, expert_compute(impl or default_impl(rules.mesh)))
+    see `default_impl`) on each device's own experts, dispatched by `dispatch` (default:
+    `default_dispatch`)."""
+    return ExpertParallel.create(rules, expert_compute(impl or default_impl(rules.mesh)),
+                                 dispatch or default_dispatch())
 
 
 class RoutingCounter:

@@ -62,19 +62,29 @@ class StepOutputs:
     expert_tokens: jax.Array | None = None
 
 
-def _record_tokens(counts, seen, inp: StepInputs, tokens, first):
+def _count(counts, seen, slot, tokens, fed):
+    data = jnp.arange(tokens.shape[0])[:, None]
+    counts = counts.at[data, slot, tokens].add(fed.astype(counts.dtype), mode="drop")
+    return counts, seen.at[data, slot, tokens].set(True, mode="drop")
+
+
+def _record_tokens(rules: ShardingRules, counts, seen, inp: StepInputs, tokens, first):
     """Reset new slots (on the first iteration only), then count the tokens fed this
     step into their slot's rows."""
     reset = inp.reset_slots & first
     any_reset = jnp.any(reset)
     counts = jax.lax.cond(any_reset, lambda: jnp.where(reset[..., None], 0, counts), lambda: counts)
     seen = jax.lax.cond(any_reset, lambda: jnp.where(reset[..., None], False, seen), lambda: seen)
-    data = jnp.arange(tokens.shape[0])[:, None]
-    counts = counts.at[data, inp.token_slot, tokens].add(
-        inp.token_is_output.astype(counts.dtype), mode="drop"
-    )
-    seen = seen.at[data, inp.token_slot, tokens].set(True, mode="drop")
-    return counts, seen
+    args = (counts, seen, inp.token_slot, tokens, inp.token_is_output)
+    if rules.mesh.size == 1:
+        return _count(*args)
+    # Per data shard in shard_map: left to GSPMD, the scatter's indices were split over
+    # the other axes too and put back with permutes, an all-gather and an all-reduce of
+    # the whole table per step (docs/benchmarks.md, the MoE layouts).
+    stats = rules.spec(("cache_batch", None, None), counts.shape)
+    rows = rules.spec(("cache_batch", None), tokens.shape)
+    return jax.shard_map(_count, mesh=rules.mesh, in_specs=(stats, stats, rows, rows, rows),
+                         out_specs=(stats, stats), check_vma=False)(*args)
 
 
 class StepFunctions:
@@ -136,7 +146,7 @@ class StepFunctions:
         attention = PagedAttention(
             kv_lens, inp.page_indices, inp.cu_q_lens, inp.num_seqs, self._specs
         )
-        counts, seen = _record_tokens(counts, seen, inp, tokens, first)
+        counts, seen = _record_tokens(self.rules, counts, seen, inp, tokens, first)
         hidden, kv = module.hidden(
             tokens, positions, kv, attention, rope, self._matmul, experts
         )

@@ -132,14 +132,13 @@ def test_decode_step_collectives_are_megatrons_plus_the_vocab_sharded_ends(measu
     assert r["megatron_min_all_reduces"] == 2 * LAYERS
     assert r["model_parallel_all_reduces_per_step"] == 2 * LAYERS + 4
     assert r["all_reduce_ratio_to_megatron"] == (2 * LAYERS + 4) / (2 * LAYERS)
-    # data shards run one SPMD program: the loop's "anyone still running?" and the token
-    # statistics' scatter cross them (tiny: a predicate, the scattered indices).
+    # data shards run one SPMD program: the loop's "anyone still running?" crosses them
+    # (a predicate); the token statistics' scatter runs per data shard and adds none.
     data = [s for s in steps if s not in model_parallel]
     assert sorted((s["kind"], s["op_name"]) for s in data) == [
-        ("all-gather", "scatter"), ("all-gather", "scatter-add"),
         ("all-reduce", "reduce_or"), ("all-reduce", "while/cond/reduce_or")]
     assert r["collectives_per_step"]["all-reduce"] == 2 * LAYERS + 4 + 2
-    assert r["collectives_per_step"]["all-gather"] == 2  # the scatters' indices
+    assert r["collectives_per_step"]["all-gather"] == 0
     assert sum(r["collectives_per_step"].values()) == sum(s["count"] for s in steps)
     assert sum(r["collective_bytes_per_step"].values()) == sum(s["bytes"] for s in steps)
     # The 2 row-parallel all-reduces per layer move one f32 hidden state per batch row.
@@ -251,6 +250,8 @@ def test_moe_checkpoint_runs_an_expert_layout_and_reports_its_routing(checkpoint
     steps = [c for c in r["collective_sources"] if c["where"] == "step"]
     combine = [c for c in steps if "psum" in c["op_name"]]
     assert [(c["kind"], c["axes"]) for c in combine] == [("all-reduce", "expert")]
+    # Nothing else crosses `expert` (the token statistics stay per data shard).
+    assert [c for c in steps if "expert" in c["axes"]] == combine
     assert combine[0]["count"] == layers
     # One f32 hidden state per batch row of the data shard, per layer.
     assert combine[0]["bytes"] == layers * ENGINE.max_seqs * cfg.hidden_size * 4

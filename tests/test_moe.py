@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from meshserve.engine.dense import DenseGenerator
-from meshserve.engine.experts import default_impl, expert_compute
+from meshserve.engine.experts import (
+    default_dispatch,
+    default_impl,
+    expert_compute,
+    experts_backend,
+)
 from meshserve.meshes import LayoutError, MeshLayout, make_mesh, parse_layout
 from meshserve.models.loading import check_layout, load_checkpoint, memory_plan
 from meshserve.models.moe import dense_experts, grouped_experts, route
@@ -183,3 +188,29 @@ def test_memory_plan_counts_expert_weights_per_device(checkpoint_dir):
     four = memory_plan(cfg, make_mesh(parse_layout("expert=4")), jnp.float32, 64)
     assert one.weights_bytes == cfg.num_parameters() * 4
     assert one.weights_bytes - four.weights_bytes == expert_bytes * 3 // 4
+
+
+@pytest.mark.parametrize("family,layout", [("mixtral", "data=2,expert=4"),
+                                           ("qwen3_moe_norm", "expert=2,tensor=2")])
+def test_all_to_all_dispatch_equals_psum_and_transformers(
+    family, layout, checkpoint_dir, reference_logits
+):
+    """Tokens split over the expert devices, all-to-all there and back: the same logits
+    as the psum combine and as transformers (dropless: the capacity per device pair is the
+    source's token count), prompts whose lengths do not divide the expert devices."""
+    model = load_checkpoint(checkpoint_dir(family), make_mesh(parse_layout(layout)))
+    a2a = experts_backend(model.rules, dispatch="all_to_all")
+    psum = DenseGenerator(model, experts=experts_backend(model.rules, dispatch="psum"))
+    got = DenseGenerator(model, experts=a2a).prefill_logits(PROMPTS)
+    for ours, ref, other in zip(got, reference_logits(family), psum.prefill_logits(PROMPTS),
+                                strict=True):
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(ours, other, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_EXPERTS_DISPATCH", "all_to_all")
+    assert default_dispatch() == "all_to_all"
+    monkeypatch.setenv("MESHSERVE_EXPERTS_DISPATCH", "ragged")
+    with pytest.raises(ValueError, match="choose from"):
+        default_dispatch()
