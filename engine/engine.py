@@ -470,6 +470,7 @@ class Engine(DisaggregationMixin, WarmupMixin):
             with self._lock:
                 if self._live.pop(seq.request_id, None) is not None:
                     self._finished += 1
+            self._publish()  # a client that saw its stream end reads stats without it
         handle.put(chunk)
 
     def _fail_all(self, message: str, reason: str) -> None:

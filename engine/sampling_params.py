@@ -13,6 +13,7 @@ class InvalidRequestError(ValueError):
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 16
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,11 @@ class SamplingParams:
     def validate(self, vocab_size: int, max_logprobs: int) -> SamplingParams:
         def finite(name: str) -> float:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+            # The sampler computes in float32: a value past its range would become inf there.
+            if (not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or abs(value) > FLOAT32_MAX):
+                raise InvalidRequestError(
+                    f"{name} must be a finite number in float32 range, got {value!r}")
             return float(value)
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

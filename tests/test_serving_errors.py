@@ -41,6 +41,7 @@ BAD_REQUESTS = [
     (dict(GOOD, temperature=-0.5), "temperature must be >= 0"),
     (dict(GOOD, temperature=NAN), "temperature must be a finite number"),
     (dict(GOOD, temperature=INF), "temperature must be a finite number"),
+    (dict(GOOD, temperature=1e39), "temperature must be a finite number in float32 range"),
     (dict(GOOD, top_p=0.0), "top_p must be in (0, 1]"),
     (dict(GOOD, top_p=1.5), "top_p must be in (0, 1]"),
     (dict(GOOD, top_p=NAN), "top_p must be a finite number"),
