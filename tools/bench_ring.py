@@ -109,27 +109,27 @@ def measure(total: int, ways: int, num_heads: int = 4, num_kv_heads: int = 2,
 
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from meshserve.meshes import ShardingRules, make_mesh, parse_layout
     from meshserve.tools.bench_mesh_hlo import program_collectives
 
-    mesh = Mesh(np.array(jax.devices()[:ways]), ("sequence",))
-    spec = PartitionSpec("sequence")
+    rules = ShardingRules.create(make_mesh(parse_layout(f"sequence={ways}")))
+    mesh, axis, spec = rules.mesh, rules.mesh_axis("seq"), rules.spec(("seq",))
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     shapes = [(total, num_heads, head_dim)] + [(total, num_kv_heads, head_dim)] * 2
-    q, k, v = (jax.device_put(jax.random.normal(key, s), NamedSharding(mesh, spec))
+    q, k, v = (jax.device_put(jax.random.normal(key, s), rules.sharding(("seq",)))
                for key, s in zip(keys, shapes, strict=True))
     fns = {
-        "gather": functools.partial(gather_shard, axis="sequence", ways=ways,
+        "gather": functools.partial(gather_shard, axis=axis, ways=ways,
                                     page_size=page_size),
-        "ring": functools.partial(ring_shard, axis="sequence", ways=ways),
+        "ring": functools.partial(ring_shard, axis=axis, ways=ways),
     }
     rows, results = [], {}
     for name, fn in fns.items():
         run = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
                                     check_vma=False))
         compiled = run.lower(q, k, v).compile()
-        counts, nbytes = program_collectives(compiled.as_text(), {"sequence": ways})
+        counts, nbytes = program_collectives(compiled.as_text(), {axis: ways})
         results[name] = np.asarray(run(q, k, v))
         best = float("inf")
         for _ in range(repeats):
