@@ -2,8 +2,10 @@
 
 Off unless `--profile-dir` is given, since it writes files; the endpoints that drive it
 (HTTP `POST /start_profile` and `/stop_profile`, the StartProfile/StopProfile RPCs)
-need the bearer token when one is set. Each trace goes to its own timestamped run under
-`<profile-dir>/plugins/profile/` (TensorBoard's profile plugin reads the folder; the
+need the bearer token when one is set. Each trace goes to a folder of its own,
+`<profile-dir>/<time>-<suffix>/plugins/profile/<run>/` (jax names `<run>` by the second,
+so two traces within one second would share it; TensorBoard's `--logdir <profile-dir>`
+finds every trace; the
 `.trace.json.gz` beside the `.xplane.pb` opens in Perfetto), and shows every step's
 programs, kernels and collectives on each device.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 import threading
 import time
 
@@ -27,6 +30,7 @@ class Profiler:
         self.profile_dir = os.path.abspath(profile_dir)
         self._lock = threading.Lock()
         self._started: float | None = None
+        self._trace_dir: str | None = None
 
     @property
     def running(self) -> bool:
@@ -40,8 +44,10 @@ class Profiler:
             if self._started is not None:
                 raise ProfilerBusyError("a profile is already running: stop it first")
             os.makedirs(self.profile_dir, mode=0o700, exist_ok=True)
-            jax.profiler.start_trace(self.profile_dir, create_perfetto_trace=True)
-            self._started = time.monotonic()
+            trace_dir = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"),
+                                         dir=self.profile_dir)
+            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+            self._started, self._trace_dir = time.monotonic(), trace_dir
         logs.event("profile_started", profile_dir=self.profile_dir)
         return self.profile_dir
 
@@ -52,13 +58,10 @@ class Profiler:
         with self._lock:
             if self._started is None:
                 raise ProfilerBusyError("no profile is running: start one first")
-            before = set(self._files())
             jax.profiler.stop_trace()
             seconds, self._started = time.monotonic() - self._started, None
-        files = sorted(set(self._files()) - before)
+            trace_dir, self._trace_dir = self._trace_dir, None
+        files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*")))
         logs.event("profile_stopped", profile_dir=self.profile_dir, seconds=round(seconds, 3),
                    files=files)
         return seconds, files
-
-    def _files(self) -> list[str]:
-        return glob.glob(os.path.join(self.profile_dir, "plugins", "profile", "*", "*"))
