@@ -1,6 +1,11 @@
 """Meshes, layouts, sharding rules and memory planning: the bottom layer."""
 
-from meshserve.meshes.compile_cache import CompileCounter, enable_compilation_cache
+from meshserve.meshes.compile_cache import (
+    CompileCounter,
+    enable_compilation_cache,
+    programs_shared_across_device_groups,
+    share_programs_across_device_groups,
+)
 from meshserve.meshes.devices import default_compute_dtype, set_cpu_device_count
 from meshserve.meshes.layout import (
     LAYOUT_KEYS,
@@ -41,7 +46,9 @@ __all__ = [
     "make_mesh",
     "parse_layout",
     "plan_memory",
+    "programs_shared_across_device_groups",
     "set_cpu_device_count",
+    "share_programs_across_device_groups",
     "split_slices",
     "use_rules",
 ]

@@ -12,6 +12,7 @@ import stat
 import threading
 
 import jax
+from absl import logging
 
 CACHE_ENV_VAR = "MESHSERVE_COMPILATION_CACHE"
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # hits and misses alike
@@ -66,7 +67,50 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     # Every engine program is worth keeping; small ones load as fast as they compile.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    share_programs_across_device_groups()
     return path
+
+
+_shared_hash = None
+
+
+def share_programs_across_device_groups() -> bool:
+    """Key CPU programs in the persistent cache without the devices they were built for,
+    as JAX itself does on GPU, so a slice loads the programs another slice of the same
+    layout compiled instead of compiling them again. Returns whether keys are shared.
+
+    A CPU executable does not depend on which devices run it: loading one passes the
+    loader's own device assignment (checked by `tests/test_compile_cache.py`, which
+    runs a program built for devices 0-1 on devices 2-3). TPU keys keep their devices,
+    since a TPU program is built for its chips' place in the interconnect.
+    """
+    global _shared_hash
+    if _shared_hash is not None:
+        return True
+    try:
+        from jax._src import cache_key
+        original = cache_key._hash_serialized_compile_options
+    except (ImportError, AttributeError):  # a JAX that moved it: slices compile their own
+        logging.warning("compilation cache: slices cannot share programs with this JAX")
+        return False
+
+    def hash_options(hash_obj, compile_options, strip_device_assignment=False):
+        cpu_only = jax.default_backend() == "cpu"
+        return original(hash_obj, compile_options,
+                        strip_device_assignment=strip_device_assignment or cpu_only)
+
+    _shared_hash = hash_options
+    cache_key._hash_serialized_compile_options = hash_options
+    return True
+
+
+def programs_shared_across_device_groups() -> bool:
+    """Whether device groups of one layout build identical programs (then one group's
+    warm-up fills the cache for the others): on CPU and GPU with the cache on."""
+    return (bool(jax.config.jax_enable_compilation_cache)
+            and jax.config.jax_compilation_cache_dir is not None
+            and jax.default_backend() in ("cpu", "gpu")
+            and (_shared_hash is not None or jax.default_backend() == "gpu"))
 
 
 class CompileCounter:

@@ -160,9 +160,13 @@ class CompatMetrics:
         r.register(_VllmGauges(slices, model_name))
         for s in slices:  # export zeros from the start, so rates and ratios work at once
             label = (model_name, str(s.index))
-            for metric in (self.prompt_tokens, self.generation_tokens):
+            for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl,
+                           self.e2e, self.queue, self.request_tpot):
                 metric.labels(*label)
             self.within_slo.labels(str(s.index))
+            self.tpot.labels(str(s.index))
+            for phase in STEP_PHASES:
+                self.step_host.labels(str(s.index), phase)
 
     def observe_steps(self, slices: Sequence[Slice]) -> None:
         """Have each slice's engine report its step phases into meshserve_step_host_seconds

@@ -14,7 +14,7 @@ import dataclasses
 import time
 
 from meshserve.engine.engine import EngineConfig
-from meshserve.meshes import CompileCounter
+from meshserve.meshes import CompileCounter, programs_shared_across_device_groups
 from meshserve.serving import logs
 from meshserve.serving.server import MeshServeServer, ServerOptions
 from meshserve.serving.slices import (
@@ -86,13 +86,27 @@ def warm_up(model: LoadedModel, server_role: str = BOTH) -> tuple[float, int, in
             s.engine.warmup_handoff(export=role == PREFILL, imports=role == DECODE)
 
     if model.warmup:
-        # Slices are independent device groups: their compiles run side by side.
         with concurrent.futures.ThreadPoolExecutor(len(model.slices)) as pool:
-            list(pool.map(warm, model.slices))
+            for wave in _warmup_waves(model.slices):
+                list(pool.map(warm, wave))
     for s in model.slices:
         s.engine.start()
     programs, cached = counter.counts()
     return time.monotonic() - start, programs, cached
+
+
+def _warmup_waves(slices: list[Slice]) -> list[list[Slice]]:
+    """Slices are independent device groups, so their compiles can run side by side. But
+    where the persistent cache serves one device group's programs to another (CPU, GPU),
+    slices of one layout compile the same programs: one of each layout compiles first,
+    and the rest then load its programs instead of compiling them again."""
+    if not programs_shared_across_device_groups():
+        return [slices]
+    first: dict[str, Slice] = {}
+    for s in slices:
+        first.setdefault(s.layout, s)
+    rest = [s for s in slices if first[s.layout] is not s]
+    return [list(first.values()), rest] if rest else [slices]
 
 
 def serve(model: LoadedModel, options: ServerOptions, process_start: float | None = None) -> int:

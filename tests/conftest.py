@@ -16,6 +16,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 _CACHE = os.path.join("/tmp", f"meshserve-jax-cache-{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", os.environ.get("MESHSERVE_TEST_JAX_CACHE", _CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# As `meshserve` does: one device group's programs serve the others of its layout.
+from meshserve.meshes import share_programs_across_device_groups  # noqa: E402
+
+share_programs_across_device_groups()
 # Servers the tests start as subprocesses share that cache.
 os.environ.setdefault("MESHSERVE_COMPILATION_CACHE",
                       os.environ.get("MESHSERVE_TEST_JAX_CACHE", _CACHE))

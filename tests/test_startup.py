@@ -3,6 +3,7 @@ and a second start that loads every program from the persistent compilation cach
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import random
 import time
@@ -18,7 +19,14 @@ from meshserve.meshes import make_mesh, parse_layout
 from meshserve.models.loading import load_checkpoint
 from meshserve.serving.proto import meshserve_pb2 as pb
 from tests.engine_fixtures import assert_idle, make_engine
-from tests.serving_fixtures import ServeProcess, demo_ckpt, request, stub_for  # noqa: F401
+from tests.serving_fixtures import (  # noqa: F401
+    SERVING_FLAGS,
+    ServeProcess,
+    demo_ckpt,
+    demo_model,
+    request,
+    stub_for,
+)
 
 
 def test_default_programs_are_few_and_every_step_fits_one():
@@ -129,3 +137,32 @@ def test_second_start_loads_every_program_from_the_cache(demo_ckpt, tmp_path):  
         second.kill()
     assert warm.programs == cold.programs and warm.programs_from_cache == warm.programs
     assert '"event": "warmup_progress"' in second.log and '"from_cache"' in second.log
+
+
+def test_second_slice_of_a_layout_loads_the_first_slices_programs(
+        demo_ckpt, demo_model, tmp_path):  # noqa: F811
+    """Two tensor=2 slices on devices 0-1 and 2-3, cold cache: slice 1 compiles, slice 2
+    loads every one of those programs for its own devices, and both answer correctly."""
+    server = ServeProcess(*SERVING_FLAGS, "--cpu-devices", "4", "--checkpoint", demo_ckpt,
+                          "--slices", "2", "--mesh", "tensor=2",
+                          "--compilation-cache-dir", str(tmp_path / "xla"))
+    try:
+        startup = _startup(server.target)
+        prompts = [[1, 100 + i, 200 + i, 300 + i] for i in range(12)]
+        channel, stub = stub_for(server.target)
+
+        def one(ids):
+            rs = list(stub.Generate(request(token_ids=ids, max_tokens=10, ignore_eos=True)))
+            return [t for r in rs for t in r.token_ids], rs[-1].slice
+
+        with channel, concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(one, prompts))
+    finally:
+        server.kill()
+    assert startup.programs >= 8 and startup.programs_from_cache * 2 == startup.programs
+    reference = demo_model.slices[0].engine  # one device, the same buckets
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+    for ids, (tokens, _) in zip(prompts, results, strict=True):
+        assert tokens == [t for c in reference.add_request(ids, greedy) for t in c.token_ids]
+    used = [slice_ for _, slice_ in results]
+    assert used.count(0) >= 3 and used.count(1) >= 3, used
