@@ -71,8 +71,10 @@ def test_bench_shipped_drives_a_real_server_and_transformers(tmp_path):
     report = json.loads(out.read_text())
     (row,) = report["rows"]
     for key in ("ttft_s", "tpot_s", "streams_s", "hf_static_batch_s", "engine_prefill_s",
-                "decode_roofline_s"):
+                "decode_roofline_s", "streams_compute_roofline_s", "matmul_GFLOPs"):
         assert row[key] > 0, key
+    # No run beats the peak matmul rate on the streams' FLOPs.
+    assert row["streams_compute_roofline_s"] < min(row["streams_s"], row["hf_static_batch_s"])
     assert set(report["ratios"]) == set(report["targets"]) == set(report["met"])
 
 

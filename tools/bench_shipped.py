@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import json
 import os
+import shlex
 import statistics
 import tempfile
 import time
@@ -77,6 +78,18 @@ def hf_static_batch_s(hf_dir: str, streams: int, input_len: int, output_len: int
         return time.perf_counter() - start
 
 
+def streams_flops(cfg, streams: int, input_len: int, output_len: int) -> float:
+    """FLOPs of the streams' work: each prompt's prefill (LM head on its last token only),
+    then output_len - 1 decode steps, attention over the growing context included."""
+    lm_head = 2 * cfg.vocab_size * cfg.hidden_size
+    token = step_cost(cfg, 1, 0)[1]  # every projection and the LM head, no attention
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # per token and context
+    prefill = input_len * (token - lm_head) + lm_head
+    prefill += attention * input_len * (input_len + 1) / 2
+    decode = sum(token + attention * (input_len + i) for i in range(1, output_len))
+    return float(streams * (prefill + decode))
+
+
 def serve_round(target: str, streams: int, input_len: int, output_len: int, seed: int) -> dict:
     from meshserve.tools.bench_serving import run
 
@@ -103,6 +116,8 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for ready")
+    p.add_argument("--serve-flags", default="",
+                   help="extra `meshserve serve` flags, to compare a setting (default: none)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     import torch
@@ -116,7 +131,8 @@ def main() -> None:
         prefill = engine_prefill_s(hf_dir, work, a.input_len, rounds, rng)
         probe = roofline.Probe(**(QUICK_ROOFLINE if a.quick else {}))
         served, hf_times, roofs = [], [], []
-        with ServeProcess("--hf", hf_dir, timeout=a.timeout) as server:
+        with ServeProcess("--hf", hf_dir, *shlex.split(a.serve_flags),
+                          timeout=a.timeout) as server:
             for r in range(rounds):
                 roofs.append(probe.measure())
                 served.append(serve_round(server.target, a.streams, a.input_len, a.output_len,
@@ -128,9 +144,12 @@ def main() -> None:
     # batch-1 decode moves the weights and the KV of its context once per token
     context = a.input_len + a.output_len // 2
     bytes_moved, flops = step_cost(cfg, 1, context)
+    work = streams_flops(cfg, a.streams, a.input_len, a.output_len)
     med = statistics.median
     rows = [{"round": i, **s, "hf_static_batch_s": h, "engine_prefill_s": e,
              "decode_roofline_s": roof.step_time(bytes_moved, flops),
+             "streams_compute_roofline_s": work / roof.flops,
+             "matmul_GFLOPs": roof.flops / 1e9,
              "bandwidth_GBps": roof.bandwidth / 1e9}
             for i, (s, h, e, roof) in enumerate(zip(served, hf_times, prefill, roofs,
                                                      strict=True))]
@@ -150,6 +169,13 @@ def main() -> None:
           f"{summary['engine_prefill_s'] * 1e3:.1f} |")
     print(f"| one stream: time per output token, ms | {summary['tpot_s'] * 1e3:.2f} |")
     print(f"| memory roofline per token, ms | {summary['decode_roofline_s'] * 1e3:.2f} |")
+    # Where the streams stand: their FLOPs at the best square matmul's rate of this run.
+    print(f"| {a.streams} streams' work at the matmul peak "
+          f"({summary['matmul_GFLOPs']:.0f} GFLOP/s), s | "
+          f"{summary['streams_compute_roofline_s']:.2f} |")
+    for who, key in (("meshserve", "streams_s"), ("transformers", "hf_static_batch_s")):
+        share = med(r["streams_compute_roofline_s"] / r[key] for r in rows)
+        print(f"| {who}: share of the matmul peak on the streams' work | {share:.0%} |")
     for k, v in ratios.items():
         sign = "<=" if k == "ttft_of_prefill" else ">="
         print(f"| {k} (target {sign} {TARGETS[k]}) | {v:.2f} {'met' if met[k] else 'MISSED'} |")
