@@ -71,7 +71,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return path
 
 
-_shared_hash = None
+_sharing = False  # set once share_programs_across_device_groups() has hooked the key
 
 
 def share_programs_across_device_groups() -> bool:
@@ -84,8 +84,8 @@ def share_programs_across_device_groups() -> bool:
     runs a program built for devices 0-1 on devices 2-3). TPU keys keep their devices,
     since a TPU program is built for its chips' place in the interconnect.
     """
-    global _shared_hash
-    if _shared_hash is not None:
+    global _sharing
+    if _sharing:
         return True
     try:
         from jax._src import cache_key
@@ -99,18 +99,18 @@ def share_programs_across_device_groups() -> bool:
         return original(hash_obj, compile_options,
                         strip_device_assignment=strip_device_assignment or cpu_only)
 
-    _shared_hash = hash_options
     cache_key._hash_serialized_compile_options = hash_options
+    _sharing = True
     return True
 
 
 def programs_shared_across_device_groups() -> bool:
     """Whether device groups of one layout build identical programs (then one group's
     warm-up fills the cache for the others): on CPU and GPU with the cache on."""
-    return (bool(jax.config.jax_enable_compilation_cache)
-            and jax.config.jax_compilation_cache_dir is not None
-            and jax.default_backend() in ("cpu", "gpu")
-            and (_shared_hash is not None or jax.default_backend() == "gpu"))
+    if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+        return False
+    backend = jax.default_backend()
+    return backend == "gpu" or (backend == "cpu" and _sharing)
 
 
 class CompileCounter:

@@ -56,8 +56,9 @@ def step_cost(cfg: ModelConfig, batch: int, context: int) -> tuple[float, float]
     """Bytes read/written and FLOPs of one decode step of `batch` tokens at `context`."""
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     # Every projection and the LM head: all parameters but the embedding and the norms,
-    # with only the experts the step reads.
-    matmul_params = cfg.num_parameters(active=True) - cfg.vocab_size * e
+    # with only the experts the step reads. A tied embedding is the LM head: it stays.
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * e
+    matmul_params = cfg.num_parameters(active=True) - embedding
     matmul_params -= (2 * cfg.num_layers + 1) * e
     per_token = matmul_params
     if cfg.moe_layers:
